@@ -1,0 +1,54 @@
+//! The one error enum of the core. The binding maps each variant to one Python
+//! exception class in `py::exceptions`; nothing here knows about Python.
+use std::io;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The channel has no room (ring full or slab exhausted) within the timeout.
+    #[error("{0}")]
+    Full(String),
+    /// Nothing to receive within the timeout.
+    #[error("{0}")]
+    Empty(String),
+    /// Every peer on the other side has closed or exited.
+    #[error("{0}")]
+    Closed(String),
+    /// This handle was closed by its owner.
+    #[error("{0}")]
+    HandleClosed(String),
+    /// A blocking wait was interrupted by a signal handler that raised.
+    #[error("interrupted")]
+    Interrupted,
+    /// Bytes that do not follow the wire format.
+    #[error("{0}")]
+    Decode(String),
+    /// A value that cannot be encoded.
+    #[error("{0}")]
+    Encode(String),
+    /// A caller-supplied argument is out of range.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Shared memory from another build of tensorslab, or corrupt.
+    #[error("{0}")]
+    Incompatible(String),
+    /// The operating system refused (mapping, reserving, opening a segment).
+    #[error("{context}: {source}")]
+    Os {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub fn os(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Os { context: context.into(), source }
+    }
+
+    /// The OS error of the last failed libc call, with what was being done.
+    pub fn last_os(context: impl Into<String>) -> Self {
+        Error::os(context, io::Error::last_os_error())
+    }
+}
