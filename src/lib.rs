@@ -19,3 +19,9 @@ pub mod header;
 mod py;
 
 pub use error::{Error, Result};
+pub mod shm;
+pub mod sync;
+pub mod wait;
+pub mod layout;
+pub mod lock;
+pub mod slab;

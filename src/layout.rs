@@ -1,0 +1,153 @@
+//! The control block: the `#[repr(C)]` root of a channel's shared memory.
+//!
+//! It sits at offset 0 of the control segment, followed by the ring's cells. Everything
+//! in it is either written once before any other process can attach (identity fields) or
+//! is an atomic. Only offsets and small ids are stored, never pointers: every process maps
+//! the segments at its own addresses.
+//!
+//! Compatibility rule (as in rust-numpy's shared borrow-checking struct): `magic` and
+//! `abi_version` come first and never move; a process refuses a control block whose magic
+//! or ABI version differs from its own. Fields are only ever appended, and `header_size`
+//! records how large the block was when created.
+use crate::sync::{AtomicI32, AtomicU32, AtomicU64};
+
+pub const MAGIC: u64 = u64::from_le_bytes(*b"TSLBCTL\0");
+/// Bumped whenever the layout of anything in shared memory changes.
+pub const ABI_VERSION: u32 = 1;
+
+/// Process slots: how many processes may use one channel at the same time.
+pub const MAX_PROCESSES: usize = 256;
+/// Data segments a channel's slab may grow to (sizes double, so this is plenty).
+pub const MAX_SEGMENTS: usize = 48;
+/// Handles pickled (or inherited through fork) and not yet attached by their new process.
+pub const MAX_PENDING: usize = 128;
+/// Free-list bins of the slab allocator (see `slab::bins`).
+pub const BIN_COUNT: usize = 160;
+pub const BIN_WORDS: usize = BIN_COUNT.div_ceil(64);
+
+/// A futex-based lock word that records its holder (see `lock.rs`).
+#[repr(C)]
+pub struct LockWord {
+    pub state: AtomicU32,
+}
+
+/// The descriptor ring's indices and wake-up words (see `ring.rs`).
+#[repr(C)]
+pub struct RingState {
+    /// Next cell to pop; only changed under the ring lock.
+    pub head: AtomicU64,
+    /// Next cell to push; only changed under the ring lock.
+    pub tail: AtomicU64,
+    /// Bumped on every push and on every close; consumers sleep on it.
+    pub pushed: AtomicU32,
+    /// Bumped on every pop and on every close; producers sleep on it when the ring is full.
+    pub popped: AtomicU32,
+    pub consumers_waiting: AtomicU32,
+    pub producers_waiting: AtomicU32,
+}
+
+/// One ring cell: a published message.
+#[repr(C)]
+pub struct Cell {
+    /// `SlabRef` of the message's block.
+    pub block: AtomicU64,
+    /// Process slot of the sender, for acknowledgement accounting.
+    pub origin: AtomicU32,
+    pub _reserved: AtomicU32,
+}
+
+/// One data segment of the slab, as every process sees it.
+#[repr(C)]
+pub struct SegmentRecord {
+    /// Length in bytes; 0 while the slot is unused. Written under the heap lock before
+    /// `HeapState::segment_count` is raised (Release) past this index.
+    pub len: AtomicU64,
+    pub device: AtomicU64,
+    pub inode: AtomicU64,
+}
+
+/// The slab allocator's shared state; all of it is guarded by the heap lock except the
+/// counters documented otherwise.
+#[repr(C)]
+pub struct HeapState {
+    pub segment_count: AtomicU32,
+    /// Bumped whenever memory is freed or the slab grows; producers waiting for space sleep on it.
+    pub freed: AtomicU32,
+    pub space_waiters: AtomicU32,
+    pub _pad: AtomicU32,
+    pub mapped_bytes: AtomicU64,
+    pub used_bytes: AtomicU64,
+    pub used_blocks: AtomicU64,
+    /// Size of the next segment to create when the slab must grow.
+    pub next_segment_len: AtomicU64,
+    pub bitmap: [AtomicU64; BIN_WORDS],
+    pub bins: [AtomicU64; BIN_COUNT],
+    pub segments: [SegmentRecord; MAX_SEGMENTS],
+}
+
+/// A process using the channel.
+#[repr(C)]
+pub struct ProcessSlot {
+    /// `generation << 32 | pid`; pid 0 = free. Claimed by CAS.
+    pub state: AtomicU64,
+    pub start_time: AtomicU64,
+    pub senders: AtomicU32,
+    pub receivers: AtomicU32,
+    /// Messages put by this process whose memory is not yet released.
+    pub outstanding: AtomicU64,
+    /// Bumped when one of this process's messages is released; `wait_for_all_ack` sleeps on it.
+    pub acked: AtomicU32,
+    pub ack_waiters: AtomicU32,
+    /// Descriptor of the control segment in this process, -1 if none.
+    pub control_fd: AtomicI32,
+    /// Descriptor of each data segment in this process, -1 if not attached. Others open
+    /// `/proc/<pid>/fd/<n>` to attach.
+    pub segment_fds: [AtomicI32; MAX_SEGMENTS],
+    pub _reserved: [AtomicU64; 4],
+}
+
+/// Who holds the channel open.
+#[repr(C)]
+pub struct HandleState {
+    /// Live sender handles over all processes, plus pending ones (pickled, or inherited by a
+    /// fork child that has not registered yet).
+    pub senders: AtomicU32,
+    pub receivers: AtomicU32,
+    /// Bumped on every close / registration; lets waiters notice changes.
+    pub changed: AtomicU32,
+    pub _pad: AtomicU32,
+    /// `token:32 | senders:8 | receivers:8 | slot:16`; 0 = empty.
+    pub pending: [AtomicU64; MAX_PENDING],
+}
+
+#[repr(C)]
+pub struct ControlBlock {
+    pub magic: AtomicU64,
+    pub abi_version: AtomicU32,
+    pub header_size: AtomicU32,
+    pub channel_id: AtomicU64,
+    pub capacity: AtomicU32,
+    pub flags: AtomicU32,
+    pub max_slab_bytes: AtomicU64,
+    pub control_len: AtomicU64,
+    pub ring_lock: LockWord,
+    pub heap_lock: LockWord,
+    pub ring: RingState,
+    pub heap: HeapState,
+    pub handles: HandleState,
+    pub processes: [ProcessSlot; MAX_PROCESSES],
+}
+
+/// Channel flag: refuse values that would need pickling.
+pub const FLAG_STRICT: u32 = 1;
+
+/// Bytes of control segment needed for a ring of `capacity` cells.
+pub fn control_len(capacity: usize) -> usize {
+    let cells = std::mem::size_of::<Cell>() * capacity;
+    (ring_offset() + cells).next_multiple_of(4096)
+}
+
+/// Offset of the first ring cell in the control segment.
+pub fn ring_offset() -> usize {
+    std::mem::size_of::<ControlBlock>().next_multiple_of(64)
+}

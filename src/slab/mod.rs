@@ -1,0 +1,586 @@
+//! The slab: a general-purpose allocator over shared-memory segments, shared by every
+//! process of a channel.
+//!
+//! Each segment is carved into blocks with boundary tags (see `block.rs`); free blocks sit
+//! in size-class bins (see `bins.rs`) linked through their headers; neighbours are merged
+//! on free, so memory returns to one block when every message is released and the slab
+//! never creeps. All of this is guarded by the heap lock: critical sections are a few
+//! pointer updates; payload copies happen outside it.
+//!
+//! The slab grows on demand by adding a segment (sizes double the mapped total) up to
+//! `max_slab_bytes`. Each process maps segments lazily the first time it meets a
+//! reference into one, by opening the descriptor of a process that holds it.
+//!
+//! This module never blocks waiting for space: `allocate` returns `None` and the channel
+//! decides whether to wait.
+mod bins;
+pub mod block;
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::error::{Error, Result};
+use crate::layout::{ControlBlock, HeapState, LockWord, BIN_COUNT, MAX_SEGMENTS};
+use crate::lock::LockGuard;
+use crate::shm::{format_bytes, Backing, FileIdentity, ProcessId, Segment};
+use crate::sync::{AtomicU32, Ordering};
+use crate::wait::futex_wake;
+use bins::{bin_of, first_bin_fitting};
+pub use block::{BlockHeader, SlabRef, HEADER_LEN};
+use block::{pack, unpack, MIN_BLOCK, STATE_FREE, STATE_USED};
+
+/// Segments are multiples of this (huge-page friendly).
+const SEGMENT_GRANULE: usize = 2 << 20;
+
+/// A process's view of the slab.
+pub struct Slab {
+    control: Arc<Segment>,
+    segments: Vec<OnceLock<Segment>>,
+    attaching: Mutex<()>,
+    backing: Backing,
+    channel_id: u64,
+    /// This process's slot (changes in a fork child).
+    slot: AtomicU32,
+}
+
+/// A block handed out by `allocate`.
+#[derive(Clone, Copy, Debug)]
+pub struct Allocation {
+    pub block: SlabRef,
+    /// Address of the content (header + 64) in this process.
+    pub address: *mut u8,
+    pub capacity: usize,
+}
+
+impl Slab {
+    pub fn new(control: Arc<Segment>, backing: Backing, channel_id: u64, slot: u16) -> Slab {
+        Slab {
+            control,
+            segments: (0..MAX_SEGMENTS).map(|_| OnceLock::new()).collect(),
+            attaching: Mutex::new(()),
+            backing,
+            channel_id,
+            slot: AtomicU32::new(u32::from(slot)),
+        }
+    }
+
+    pub fn control(&self) -> &ControlBlock {
+        // SAFETY: the control segment starts with a validated, initialised ControlBlock
+        // (checked by `Channel::create/attach`) and stays mapped as long as `self.control`.
+        unsafe { &*self.control.base().cast::<ControlBlock>() }
+    }
+
+    fn heap(&self) -> &HeapState {
+        &self.control().heap
+    }
+
+    pub fn slot(&self) -> u16 {
+        self.slot.load(Ordering::Relaxed) as u16
+    }
+
+    pub fn set_slot(&self, slot: u16) {
+        self.slot.store(u32::from(slot), Ordering::Relaxed);
+    }
+
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+
+    /// Takes a lock of the control block, breaking it if its holder died.
+    pub fn lock<'a>(&'a self, word: &'a LockWord) -> LockGuard<'a> {
+        let heap_lock = std::ptr::eq(word, &self.control().heap_lock);
+        let mut broke = false;
+        let guard = word.lock(self.slot(), |holder| {
+            if !self.process_alive(holder) && word.force_release(holder) {
+                broke = true;
+            }
+        });
+        if broke && heap_lock {
+            self.rebuild_free_lists();
+        }
+        guard
+    }
+
+    pub fn process_alive(&self, slot: u16) -> bool {
+        let Some(record) = self.control().processes.get(usize::from(slot)) else { return false };
+        let state = record.state.load(Ordering::Acquire);
+        let pid = state as u32;
+        pid != 0
+            && ProcessId { pid, start_time: record.start_time.load(Ordering::Relaxed) }.is_alive()
+    }
+
+    /// The segment at `index`, mapping it into this process on first use.
+    pub fn segment(&self, index: usize) -> Result<&Segment> {
+        let cell = self
+            .segments
+            .get(index)
+            .ok_or_else(|| Error::Incompatible(format!("slab segment {index} out of range")))?;
+        if let Some(segment) = cell.get() {
+            return Ok(segment);
+        }
+        let _serial = self.attaching.lock().unwrap_or_else(|poison| poison.into_inner());
+        if let Some(segment) = cell.get() {
+            return Ok(segment);
+        }
+        let heap = self.heap();
+        // Acquire: pairs with the Release increment in `grow`, making the record visible.
+        if index >= heap.segment_count.load(Ordering::Acquire) as usize {
+            return Err(Error::Incompatible(format!("reference to slab segment {index}, which does not exist")));
+        }
+        let record = &heap.segments[index];
+        let len = record.len.load(Ordering::Relaxed) as usize;
+        let identity = FileIdentity {
+            device: record.device.load(Ordering::Relaxed),
+            inode: record.inode.load(Ordering::Relaxed),
+        };
+        let segment = self.attach_from_peers(len, identity, |slot| {
+            slot.segment_fds[index].load(Ordering::Acquire)
+        })?;
+        self.control().processes[usize::from(self.slot())].segment_fds[index]
+            .store(segment.raw_fd(), Ordering::Release);
+        Ok(cell.get_or_init(|| segment))
+    }
+
+    /// Opens a segment through any live process that holds it.
+    pub fn attach_from_peers(
+        &self,
+        len: usize,
+        identity: FileIdentity,
+        fd_of: impl Fn(&crate::layout::ProcessSlot) -> i32,
+    ) -> Result<Segment> {
+        let mut last_error = None;
+        for slot in self.control().processes.iter() {
+            let pid = slot.state.load(Ordering::Acquire) as u32;
+            let fd = fd_of(slot);
+            if pid == 0 || fd < 0 {
+                continue;
+            }
+            match Segment::attach(pid, fd, len, identity) {
+                Ok(segment) => return Ok(segment),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(match last_error {
+            Some(error) => error,
+            None => Error::Closed(format!(
+                "channel {:016x}: no live process holds its shared memory any more",
+                self.channel_id
+            )),
+        })
+    }
+
+    /// The header of the block at `block`, bounds-checked.
+    pub fn header(&self, block: SlabRef) -> Result<&BlockHeader> {
+        let segment = self.segment(block.segment())?;
+        let offset = block.offset();
+        if offset % HEADER_LEN != 0 || offset + HEADER_LEN > segment.len() {
+            return Err(Error::Incompatible(format!(
+                "slab reference {:#x} points outside segment {} ({} bytes)",
+                block.0,
+                block.segment(),
+                segment.len()
+            )));
+        }
+        // SAFETY: in bounds and 64-byte aligned (checked above) inside a live mapping;
+        // every field is an atomic, so shared access is sound whatever the bytes hold.
+        Ok(unsafe { &*segment.base().add(offset).cast::<BlockHeader>() })
+    }
+
+    /// A used block's content, after checking the reference really names a used block.
+    pub fn content(&self, block: SlabRef) -> Result<(&BlockHeader, *mut u8, usize)> {
+        let header = self.header(block)?;
+        let (size, state) = unpack(header.size_state.load(Ordering::Acquire));
+        let segment = self.segment(block.segment())?;
+        if state != STATE_USED
+            || header.check.load(Ordering::Acquire) != block.check_word()
+            || size < MIN_BLOCK
+            || block.offset() + size > segment.len()
+        {
+            return Err(Error::Incompatible(format!(
+                "slab reference {:#x} does not name a block in use (corrupt descriptor?)",
+                block.0
+            )));
+        }
+        // SAFETY: the block lies inside the segment (checked above).
+        let address = unsafe { segment.base().add(block.offset() + HEADER_LEN) };
+        Ok((header, address, size - HEADER_LEN))
+    }
+
+    /// Block size needed for `content_len` bytes of content.
+    pub fn block_size(content_len: usize) -> Option<usize> {
+        let size = content_len.checked_add(HEADER_LEN)?.checked_next_multiple_of(HEADER_LEN)?;
+        Some(size.max(MIN_BLOCK))
+    }
+
+    /// Allocates a block for `content_len` bytes, growing the slab if allowed.
+    /// `Ok(None)`: no room now (the caller may wait on `HeapState::freed`).
+    pub fn allocate(&self, content_len: usize, owner: u64) -> Result<Option<Allocation>> {
+        let size = Self::block_size(content_len).ok_or_else(|| too_large(content_len))?;
+        let max = self.control().max_slab_bytes.load(Ordering::Relaxed);
+        if size as u64 > max {
+            return Err(too_large_for(content_len, max));
+        }
+        let _guard = self.lock(&self.control().heap_lock);
+        let block = match self.take_fitting(size)? {
+            Some(block) => block,
+            None => match self.grow(size)? {
+                Some(block) => block,
+                None => return Ok(None),
+            },
+        };
+        let header = self.header(block)?;
+        let (found, _) = unpack(header.size_state.load(Ordering::Relaxed));
+        if found - size >= MIN_BLOCK {
+            self.split(block, header, size, found)?;
+        }
+        let (size, _) = unpack(header.size_state.load(Ordering::Relaxed));
+        header.refs.store(1, Ordering::Relaxed);
+        header.origin.store(u32::from(self.slot()), Ordering::Relaxed);
+        header.owner.store(owner, Ordering::Relaxed);
+        header.content_len.store(content_len as u64, Ordering::Relaxed);
+        header.check.store(block.check_word(), Ordering::Relaxed);
+        // Release: the fields above are complete before the block reads as used.
+        header.size_state.store(pack(size, STATE_USED), Ordering::Release);
+        let heap = self.heap();
+        heap.used_bytes.fetch_add(size as u64, Ordering::Relaxed);
+        heap.used_blocks.fetch_add(1, Ordering::Relaxed);
+        let segment = self.segment(block.segment())?;
+        // SAFETY: the block lies inside the segment (it came from the free lists / growth).
+        let address = unsafe { segment.base().add(block.offset() + HEADER_LEN) };
+        Ok(Some(Allocation { block, address, capacity: size - HEADER_LEN }))
+    }
+
+    /// Adds a holder to a used block (a message referencing an `alloc` buffer).
+    pub fn retain(&self, block: SlabRef) -> Result<()> {
+        let (header, _, _) = self.content(block)?;
+        // Relaxed: the caller already holds a reference, so the block cannot be freed
+        // concurrently (same argument as `Arc::clone`).
+        header.refs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Drops one holder of a used block; the last one returns it to the free lists.
+    /// Returns the block's origin slot when it was freed.
+    pub fn release(&self, block: SlabRef) -> Result<Option<u16>> {
+        let (header, _, _) = self.content(block)?;
+        // AcqRel: the Release half orders this holder's reads before the free; the Acquire
+        // half (on the last holder) sees every other holder's release (as in `Arc::drop`).
+        if header.refs.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return Ok(None);
+        }
+        let origin = header.origin.load(Ordering::Relaxed) as u16;
+        self.free(block)?;
+        Ok(Some(origin))
+    }
+
+    fn free(&self, block: SlabRef) -> Result<()> {
+        {
+            let _guard = self.lock(&self.control().heap_lock);
+            let header = self.header(block)?;
+            let (size, _) = unpack(header.size_state.load(Ordering::Relaxed));
+            header.check.store(0, Ordering::Relaxed);
+            header.size_state.store(pack(size, STATE_FREE), Ordering::Relaxed);
+            let heap = self.heap();
+            heap.used_bytes.fetch_sub(size as u64, Ordering::Relaxed);
+            heap.used_blocks.fetch_sub(1, Ordering::Relaxed);
+            let merged = self.merge_neighbours(block, size)?;
+            self.push_free(merged)?;
+        }
+        self.notify_space();
+        Ok(())
+    }
+
+    /// Wakes producers waiting for memory.
+    fn notify_space(&self) {
+        let heap = self.heap();
+        // SeqCst: pairs with the SeqCst increment of `space_waiters` and re-load of `freed`
+        // in `Channel::wait_for_space` (no lost wake-up).
+        heap.freed.fetch_add(1, Ordering::SeqCst);
+        if heap.space_waiters.load(Ordering::SeqCst) > 0 {
+            futex_wake(&heap.freed, i32::MAX);
+        }
+    }
+
+    /// True if a block for `content_len` bytes could be allocated right now.
+    pub fn has_space(&self, content_len: usize) -> bool {
+        let Some(size) = Self::block_size(content_len) else { return false };
+        let control = self.control();
+        let max = control.max_slab_bytes.load(Ordering::Relaxed);
+        if size as u64 > max {
+            return false;
+        }
+        let _guard = self.lock(&control.heap_lock);
+        let heap = self.heap();
+        if heap.mapped_bytes.load(Ordering::Relaxed) + (size as u64) <= max
+            && (heap.segment_count.load(Ordering::Relaxed) as usize) < MAX_SEGMENTS
+        {
+            return true;
+        }
+        matches!(self.find_fitting(size), Ok(Some(_)))
+    }
+
+    /// (mapped bytes, used bytes, used blocks).
+    pub fn usage(&self) -> (u64, u64, u64) {
+        let heap = self.heap();
+        (
+            heap.mapped_bytes.load(Ordering::Relaxed),
+            heap.used_bytes.load(Ordering::Relaxed),
+            heap.used_blocks.load(Ordering::Relaxed),
+        )
+    }
+
+    // ---- free lists (heap lock held) ----
+
+    fn find_fitting(&self, size: usize) -> Result<Option<SlabRef>> {
+        let heap = self.heap();
+        // First fit among the first few blocks of the request's own bin: keeps exact-size
+        // reuse (the common case of equal messages) without scanning long lists.
+        let own = bin_of(size);
+        let mut link = heap.bins[own].load(Ordering::Relaxed);
+        for _ in 0..8 {
+            let Some(block) = SlabRef::from_link(link) else { break };
+            let header = self.header(block)?;
+            if unpack(header.size_state.load(Ordering::Relaxed)).0 >= size {
+                return Ok(Some(block));
+            }
+            link = header.next_free.load(Ordering::Relaxed);
+        }
+        let first = first_bin_fitting(size);
+        for word_index in first / 64..heap.bitmap.len() {
+            let mut word = heap.bitmap[word_index].load(Ordering::Relaxed);
+            if word_index == first / 64 {
+                word &= !0u64 << (first % 64);
+            }
+            if word != 0 {
+                let bin = word_index * 64 + word.trailing_zeros() as usize;
+                return Ok(SlabRef::from_link(heap.bins[bin].load(Ordering::Relaxed)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn take_fitting(&self, size: usize) -> Result<Option<SlabRef>> {
+        let Some(block) = self.find_fitting(size)? else { return Ok(None) };
+        self.unlink_free(block)?;
+        Ok(Some(block))
+    }
+
+    fn push_free(&self, block: SlabRef) -> Result<()> {
+        let heap = self.heap();
+        let header = self.header(block)?;
+        let (size, _) = unpack(header.size_state.load(Ordering::Relaxed));
+        let bin = bin_of(size);
+        let head = heap.bins[bin].load(Ordering::Relaxed);
+        header.next_free.store(head, Ordering::Relaxed);
+        header.prev_free.store(0, Ordering::Relaxed);
+        if let Some(next) = SlabRef::from_link(head) {
+            self.header(next)?.prev_free.store(block.link(), Ordering::Relaxed);
+        }
+        heap.bins[bin].store(block.link(), Ordering::Relaxed);
+        heap.bitmap[bin / 64].fetch_or(1 << (bin % 64), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn unlink_free(&self, block: SlabRef) -> Result<()> {
+        let heap = self.heap();
+        let header = self.header(block)?;
+        let (size, _) = unpack(header.size_state.load(Ordering::Relaxed));
+        let bin = bin_of(size);
+        let next = header.next_free.load(Ordering::Relaxed);
+        let prev = header.prev_free.load(Ordering::Relaxed);
+        match SlabRef::from_link(prev) {
+            Some(prev) => self.header(prev)?.next_free.store(next, Ordering::Relaxed),
+            None => heap.bins[bin].store(next, Ordering::Relaxed),
+        }
+        if let Some(next_block) = SlabRef::from_link(next) {
+            self.header(next_block)?.prev_free.store(prev, Ordering::Relaxed);
+        }
+        if heap.bins[bin].load(Ordering::Relaxed) == 0 {
+            heap.bitmap[bin / 64].fetch_and(!(1 << (bin % 64)), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Cuts `block` (free, unlinked, `found` bytes) down to `size`; the tail becomes free.
+    fn split(&self, block: SlabRef, header: &BlockHeader, size: usize, found: usize) -> Result<()> {
+        let tail = SlabRef::new(block.segment(), block.offset() + size);
+        let tail_header = self.header(tail)?;
+        // Tail first, then shrink the head: a walk by sizes sees either the old whole
+        // block or both halves, never a gap.
+        tail_header.prev_size.store(size as u64, Ordering::Relaxed);
+        tail_header.size_state.store(pack(found - size, STATE_FREE), Ordering::Relaxed);
+        header.size_state.store(pack(size, STATE_FREE), Ordering::Relaxed);
+        self.set_next_prev_size(tail, found - size)?;
+        self.push_free(tail)
+    }
+
+    fn set_next_prev_size(&self, block: SlabRef, size: usize) -> Result<()> {
+        let segment_len = self.segment(block.segment())?.len();
+        let next_offset = block.offset() + size;
+        if next_offset < segment_len {
+            let next = SlabRef::new(block.segment(), next_offset);
+            self.header(next)?.prev_size.store(size as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Merges a newly freed block with free neighbours; returns the merged block.
+    fn merge_neighbours(&self, block: SlabRef, size: usize) -> Result<SlabRef> {
+        let segment_len = self.segment(block.segment())?.len();
+        let (mut start, mut size) = (block, size);
+        let next_offset = start.offset() + size;
+        if next_offset < segment_len {
+            let next = SlabRef::new(start.segment(), next_offset);
+            let (next_size, state) = unpack(self.header(next)?.size_state.load(Ordering::Relaxed));
+            if state == STATE_FREE {
+                self.unlink_free(next)?;
+                size += next_size;
+                self.header(start)?.size_state.store(pack(size, STATE_FREE), Ordering::Relaxed);
+            }
+        }
+        let prev_size = self.header(start)?.prev_size.load(Ordering::Relaxed) as usize;
+        if prev_size != 0 && prev_size <= start.offset() {
+            let prev = SlabRef::new(start.segment(), start.offset() - prev_size);
+            let (found, state) = unpack(self.header(prev)?.size_state.load(Ordering::Relaxed));
+            if state == STATE_FREE && found == prev_size {
+                self.unlink_free(prev)?;
+                size += prev_size;
+                start = prev;
+                self.header(start)?.size_state.store(pack(size, STATE_FREE), Ordering::Relaxed);
+            }
+        }
+        self.set_next_prev_size(start, size)?;
+        Ok(start)
+    }
+
+    /// Adds a segment big enough for a block of `size`; returns that whole segment as one
+    /// free (unlinked) block, or `None` when `max_slab_bytes` leaves no room.
+    fn grow(&self, size: usize) -> Result<Option<SlabRef>> {
+        let control = self.control();
+        let heap = self.heap();
+        let index = heap.segment_count.load(Ordering::Relaxed) as usize;
+        let max = control.max_slab_bytes.load(Ordering::Relaxed);
+        let mapped = heap.mapped_bytes.load(Ordering::Relaxed);
+        let room = max.saturating_sub(mapped) as usize / SEGMENT_GRANULE * SEGMENT_GRANULE;
+        let room = room.max(max.saturating_sub(mapped) as usize / HEADER_LEN * HEADER_LEN);
+        if index >= MAX_SEGMENTS || room < size {
+            return Ok(None);
+        }
+        let wanted = (heap.next_segment_len.load(Ordering::Relaxed) as usize)
+            .max(size.next_multiple_of(SEGMENT_GRANULE));
+        let len = wanted.min(room);
+        let name = format!("tensorslab-{:016x}-{index}", self.channel_id);
+        let segment = Segment::create(&self.backing, &name, len).map_err(|error| {
+            grow_error(error, len, mapped, max)
+        })?;
+        let record = &heap.segments[index];
+        record.len.store(len as u64, Ordering::Relaxed);
+        record.device.store(segment.identity().device, Ordering::Relaxed);
+        record.inode.store(segment.identity().inode, Ordering::Relaxed);
+        self.control().processes[usize::from(self.slot())].segment_fds[index]
+            .store(segment.raw_fd(), Ordering::Release);
+        // SAFETY: a fresh segment is zero-filled and at least MIN_BLOCK long; its first
+        // header becomes one free block spanning it.
+        let first = unsafe { &*segment.base().cast::<BlockHeader>() };
+        first.size_state.store(pack(len, STATE_FREE), Ordering::Relaxed);
+        first.prev_size.store(0, Ordering::Relaxed);
+        if self.segments[index].set(segment).is_err() {
+            return Err(Error::Incompatible(format!("slab segment {index} created twice")));
+        }
+        heap.mapped_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        heap.next_segment_len.store((mapped + len as u64).max(len as u64) as u64, Ordering::Relaxed);
+        // Release: pairs with the Acquire load in `segment()`; the record is complete.
+        heap.segment_count.store(index as u32 + 1, Ordering::Release);
+        Ok(Some(SlabRef::new(index, 0)))
+    }
+
+    /// Rebuilds every free list from the blocks' own headers. Run after breaking the heap
+    /// lock of a process that died holding it: the size words are always consistent (one
+    /// store per transition), the links and `prev_size` may not be.
+    pub fn rebuild_free_lists(&self) {
+        let heap = self.heap();
+        for bin in heap.bins.iter() {
+            bin.store(0, Ordering::Relaxed);
+        }
+        for word in heap.bitmap.iter() {
+            word.store(0, Ordering::Relaxed);
+        }
+        let count = heap.segment_count.load(Ordering::Acquire) as usize;
+        let (mut used_bytes, mut used_blocks) = (0u64, 0u64);
+        for index in 0..count {
+            let Ok(segment) = self.segment(index) else { continue };
+            let len = segment.len();
+            let (mut offset, mut prev_size, mut free_run): (usize, usize, Option<(SlabRef, usize)>) =
+                (0, 0, None);
+            while offset + HEADER_LEN <= len {
+                let block = SlabRef::new(index, offset);
+                let Ok(header) = self.header(block) else { break };
+                let (size, state) = unpack(header.size_state.load(Ordering::Relaxed));
+                if size < HEADER_LEN || offset + size > len {
+                    break;
+                }
+                if state == STATE_FREE {
+                    free_run = Some(match free_run {
+                        Some((start, run)) => (start, run + size),
+                        None => {
+                            header.prev_size.store(prev_size as u64, Ordering::Relaxed);
+                            (block, size)
+                        }
+                    });
+                } else {
+                    if let Some((start, run)) = free_run.take() {
+                        self.finish_free_run(start, run);
+                        prev_size = run;
+                    }
+                    header.prev_size.store(prev_size as u64, Ordering::Relaxed);
+                    used_bytes += size as u64;
+                    used_blocks += 1;
+                    prev_size = size;
+                }
+                offset += size;
+            }
+            if let Some((start, run)) = free_run {
+                self.finish_free_run(start, run);
+            }
+        }
+        heap.used_bytes.store(used_bytes, Ordering::Relaxed);
+        heap.used_blocks.store(used_blocks, Ordering::Relaxed);
+    }
+
+    fn finish_free_run(&self, start: SlabRef, size: usize) {
+        if let Ok(header) = self.header(start) {
+            header.size_state.store(pack(size, STATE_FREE), Ordering::Relaxed);
+            let _ = self.push_free(start);
+        }
+    }
+}
+
+fn too_large(content_len: usize) -> Error {
+    Error::InvalidArgument(format!("message of {content_len} bytes is too large to address"))
+}
+
+fn too_large_for(content_len: usize, max: u64) -> Error {
+    Error::InvalidArgument(format!(
+        "message needs {} ({} bytes) but max_slab_bytes is {} ({max} bytes); raise max_slab_bytes",
+        format_bytes(content_len as u64),
+        content_len,
+        format_bytes(max)
+    ))
+}
+
+fn grow_error(error: Error, len: usize, mapped: u64, max: u64) -> Error {
+    match error {
+        Error::Os { context, source } => Error::Os {
+            context: format!(
+                "{context} while growing the slab by {} (mapped {}, max_slab_bytes {})",
+                format_bytes(len as u64),
+                format_bytes(mapped),
+                format_bytes(max)
+            ),
+            source,
+        },
+        other => other,
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests;

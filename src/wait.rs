@@ -1,0 +1,81 @@
+//! Sleeping on a 32-bit word in shared memory: futex wait/wake, the one primitive every
+//! blocking operation is built on.
+//!
+//! The futexes are *shared* (no `FUTEX_PRIVATE_FLAG`): waiter and waker are different
+//! processes that map the same page at different addresses; the kernel keys shared futexes
+//! by the backing file page, so that works.
+//!
+//! Every wait is bounded (at most [`MAX_SLEEP`]) so callers can poll for signals, deadlines
+//! and dead peers; a lost wake-up therefore costs latency, never a hang.
+use std::time::{Duration, Instant};
+
+use crate::sync::AtomicU32;
+
+/// Longest single sleep: the granularity at which Ctrl-C, deadlines and dead peers are noticed.
+pub const MAX_SLEEP: Duration = Duration::from_millis(50);
+
+/// Sleeps while `*word == expected`, for at most `timeout` (capped at [`MAX_SLEEP`]).
+/// Returns on wake-up, timeout, signal or a value mismatch alike: callers re-check.
+#[cfg(not(loom))]
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let timeout = timeout.min(MAX_SLEEP);
+    let spec = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is a live, 4-byte aligned atomic for the duration of the call; the
+    // kernel only reads it. The timespec outlives the call. Errors (EAGAIN on mismatch,
+    // EINTR, ETIMEDOUT) all mean "re-check", so the result is ignored on purpose.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &spec as *const libc::timespec,
+        );
+    }
+}
+
+/// Wakes up to `count` processes sleeping on `word`.
+#[cfg(not(loom))]
+pub fn futex_wake(word: &AtomicU32, count: i32) {
+    // SAFETY: as in `futex_wait`; FUTEX_WAKE does not dereference beyond the word.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, count);
+    }
+}
+
+#[cfg(loom)]
+pub fn futex_wait(_word: &AtomicU32, _expected: u32, _timeout: Duration) {
+    loom::thread::yield_now();
+}
+
+#[cfg(loom)]
+pub fn futex_wake(_word: &AtomicU32, _count: i32) {}
+
+/// When a blocking call must give up. `None` waits forever.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline(Option<Instant>);
+
+impl Deadline {
+    pub fn after(timeout: Option<Duration>) -> Self {
+        Deadline(timeout.map(|t| Instant::now() + t))
+    }
+
+    pub fn never() -> Self {
+        Deadline(None)
+    }
+
+    /// Time left, or `None` when the deadline has passed.
+    pub fn remaining(&self) -> Option<Duration> {
+        match self.0 {
+            None => Some(MAX_SLEEP),
+            Some(at) => at.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()),
+        }
+    }
+}
+
+/// What a blocked operation runs at every wake-up: the binding checks for pending signals
+/// (Ctrl-C) here and returns `Err(Error::Interrupted)` to abandon the wait.
+pub type Interrupt<'a> = &'a mut dyn FnMut() -> crate::Result<()>;
