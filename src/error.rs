@@ -44,7 +44,10 @@ pub enum Error {
 
 impl Error {
     pub fn os(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Os { context: context.into(), source }
+        Error::Os {
+            context: context.into(),
+            source,
+        }
     }
 
     /// The OS error of the last failed libc call, with what was being done.

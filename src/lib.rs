@@ -19,9 +19,12 @@ pub mod header;
 mod py;
 
 pub use error::{Error, Result};
-pub mod shm;
-pub mod sync;
-pub mod wait;
+pub mod channel;
 pub mod layout;
 pub mod lock;
+pub mod procs;
+pub mod ring;
+pub mod shm;
 pub mod slab;
+pub mod sync;
+pub mod wait;

@@ -22,7 +22,11 @@ impl LockWord {
         let me = u32::from(slot) + 1;
         // Acquire on success: pairs with the Release in `LockGuard::drop`, so the previous
         // holder's writes to the protected state are visible.
-        if self.state.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+        if self
+            .state
+            .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
             return LockGuard { word: self };
         }
         let mut spins = 0;
@@ -31,7 +35,11 @@ impl LockWord {
             if current == 0 {
                 // Once contended, keep the flag: we cannot know whether others still sleep.
                 let want = if spins >= SPINS { me | CONTENDED } else { me };
-                if self.state.compare_exchange(0, want, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                if self
+                    .state
+                    .compare_exchange(0, want, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
                     return LockGuard { word: self };
                 }
                 continue;
@@ -44,7 +52,12 @@ impl LockWord {
             if current & CONTENDED == 0
                 && self
                     .state
-                    .compare_exchange(current, current | CONTENDED, Ordering::Relaxed, Ordering::Relaxed)
+                    .compare_exchange(
+                        current,
+                        current | CONTENDED,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    )
                     .is_err()
             {
                 continue;
@@ -66,8 +79,10 @@ impl LockWord {
             return false;
         }
         // Release: publishes nothing of ours, but keeps the same protocol as an unlock.
-        let released =
-            self.state.compare_exchange(current, 0, Ordering::Release, Ordering::Relaxed).is_ok();
+        let released = self
+            .state
+            .compare_exchange(current, 0, Ordering::Release, Ordering::Relaxed)
+            .is_ok();
         if released {
             futex_wake(&self.state, i32::MAX);
         }
@@ -104,7 +119,9 @@ mod tests {
 
     #[test]
     fn excludes_across_threads() {
-        let word = Arc::new(LockWord { state: AtomicU32::new(0) });
+        let word = Arc::new(LockWord {
+            state: AtomicU32::new(0),
+        });
         let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let threads: Vec<_> = (0..4u16)
             .map(|slot| {
@@ -128,7 +145,9 @@ mod tests {
 
     #[test]
     fn dead_holder_can_be_broken() {
-        let word = LockWord { state: AtomicU32::new(0) };
+        let word = LockWord {
+            state: AtomicU32::new(0),
+        };
         std::mem::forget(word.lock(7, |_| {}));
         assert_eq!(word.holder(), Some(7));
         let mut seen = None;

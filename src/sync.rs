@@ -1,9 +1,9 @@
 //! Atomics facade: `std` atomics normally, `loom`'s under `cfg(loom)` so the ring and the
 //! lock can be model-checked. Everything in shared memory uses these types.
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, Ordering};
+pub(crate) use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 /// Gives up the processor inside a bounded spin (`loom` needs to see it to explore).
 #[inline]

@@ -71,7 +71,9 @@ impl Deadline {
     pub fn remaining(&self) -> Option<Duration> {
         match self.0 {
             None => Some(MAX_SLEEP),
-            Some(at) => at.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()),
+            Some(at) => at
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero()),
         }
     }
 }

@@ -11,9 +11,8 @@ use crate::error::Error;
 /// Looks up `tensorslab.exceptions.<name>`, caching the class per name.
 fn class<'py>(py: Python<'py>, name: &'static str) -> PyResult<Bound<'py, PyType>> {
     static MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
-    let module = MODULE.get_or_try_init(py, || {
-        py.import("tensorslab.exceptions").map(Bound::unbind)
-    })?;
+    let module =
+        MODULE.get_or_try_init(py, || py.import("tensorslab.exceptions").map(Bound::unbind))?;
     Ok(module.bind(py).getattr(name)?.cast_into::<PyType>()?)
 }
 
@@ -31,8 +30,9 @@ impl From<Error> for PyErr {
             Error::Empty(m) => raise(py, "Empty", m),
             Error::Closed(m) => raise(py, "Closed", m),
             Error::HandleClosed(m) => PyValueError::new_err(m),
-            Error::Interrupted => PyErr::take(py)
-                .unwrap_or_else(|| PyKeyboardInterrupt::new_err("interrupted")),
+            Error::Interrupted => {
+                PyErr::take(py).unwrap_or_else(|| PyKeyboardInterrupt::new_err("interrupted"))
+            }
             Error::Decode(m) => raise(py, "DecodeError", m),
             Error::Encode(m) => raise(py, "EncodeError", m),
             Error::InvalidArgument(m) => PyValueError::new_err(m),

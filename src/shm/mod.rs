@@ -104,8 +104,9 @@ impl Backing {
             }
             Backing::Directory(dir) => {
                 let path = dir.join(name);
-                let cpath = CString::new(path.as_os_str().as_encoded_bytes())
-                    .map_err(|_| Error::InvalidArgument(format!("{SHM_DIR_ENV} contains a NUL byte")))?;
+                let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+                    Error::InvalidArgument(format!("{SHM_DIR_ENV} contains a NUL byte"))
+                })?;
                 let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC;
                 // SAFETY: `cpath` is NUL-terminated; mode is passed as the variadic argument.
                 let fd = unsafe { libc::open(cpath.as_ptr(), flags, 0o600 as libc::c_uint) };
@@ -150,7 +151,9 @@ impl Segment {
         // SAFETY: `cpath` is NUL-terminated.
         let raw = unsafe { libc::open(cpath.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
         if raw < 0 {
-            return Err(Error::last_os(format!("attaching shared memory through {path}")));
+            return Err(Error::last_os(format!(
+                "attaching shared memory through {path}"
+            )));
         }
         // SAFETY: `raw` was just opened and is owned by no one else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -182,10 +185,18 @@ impl Segment {
             )
         };
         if address == libc::MAP_FAILED {
-            return Err(Error::last_os(format!("mapping {} of shared memory", format_bytes(len as u64))));
+            return Err(Error::last_os(format!(
+                "mapping {} of shared memory",
+                format_bytes(len as u64)
+            )));
         }
         let base = NonNull::new(address.cast::<u8>()).expect("mmap never returns null on success");
-        Ok(Segment { fd, base, len, identity })
+        Ok(Segment {
+            fd,
+            base,
+            len,
+            identity,
+        })
     }
 
     pub fn base(&self) -> *mut u8 {
@@ -238,7 +249,10 @@ fn identity_of(fd: &OwnedFd) -> Result<FileIdentity> {
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } != 0 {
         return Err(Error::last_os("fstat on a shared-memory segment"));
     }
-    Ok(FileIdentity { device: stat.st_dev, inode: stat.st_ino })
+    Ok(FileIdentity {
+        device: stat.st_dev,
+        inode: stat.st_ino,
+    })
 }
 
 fn free_space(dir: &std::path::Path) -> Option<u64> {
@@ -258,7 +272,13 @@ fn available_memory() -> u64 {
     let available = meminfo
         .lines()
         .find_map(|line| line.strip_prefix("MemAvailable:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
         .map(|kib| kib * 1024)
         .unwrap_or(1 << 30);
     let read = |name: &str| {
@@ -297,7 +317,8 @@ mod tests {
         let segment = Segment::create(&Backing::Memfd, "tensorslab-test", 1 << 20).unwrap();
         // SAFETY: the segment is 1 MiB and mapped.
         unsafe { segment.base().write(42) };
-        let other = Segment::attach(current_pid(), segment.raw_fd(), 1 << 20, segment.identity()).unwrap();
+        let other =
+            Segment::attach(current_pid(), segment.raw_fd(), 1 << 20, segment.identity()).unwrap();
         // SAFETY: both map the same file; byte 0 was written above.
         assert_eq!(unsafe { other.base().read() }, 42);
         assert_ne!(other.base(), segment.base());
@@ -308,7 +329,10 @@ mod tests {
         let a = Segment::create(&Backing::Memfd, "tensorslab-a", 4096).unwrap();
         let b = Segment::create(&Backing::Memfd, "tensorslab-b", 4096).unwrap();
         let error = Segment::attach(current_pid(), a.raw_fd(), 4096, b.identity()).unwrap_err();
-        assert!(error.to_string().contains("not the expected segment"), "{error}");
+        assert!(
+            error.to_string().contains("not the expected segment"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -12,14 +12,19 @@ pub struct ProcessId {
 impl ProcessId {
     pub fn current() -> ProcessId {
         let pid = current_pid();
-        ProcessId { pid, start_time: process_start_time(pid).unwrap_or(0) }
+        ProcessId {
+            pid,
+            start_time: process_start_time(pid).unwrap_or(0),
+        }
     }
 
     /// True while the process exists and is the same process (not a reused pid).
     /// Zombies count as dead: they hold no memory any more.
     pub fn is_alive(&self) -> bool {
         match read_stat(self.pid) {
-            Some((state, start_time)) => state != 'Z' && state != 'X' && start_time == self.start_time,
+            Some((state, start_time)) => {
+                state != 'Z' && state != 'X' && start_time == self.start_time
+            }
             None => false,
         }
     }
@@ -54,13 +59,20 @@ mod tests {
         let me = ProcessId::current();
         assert!(me.start_time > 0);
         assert!(me.is_alive());
-        assert!(!ProcessId { start_time: me.start_time + 1, ..me }.is_alive());
+        assert!(!ProcessId {
+            start_time: me.start_time + 1,
+            ..me
+        }
+        .is_alive());
     }
 
     #[test]
     fn exited_child_is_dead() {
         let mut child = std::process::Command::new("true").spawn().unwrap();
-        let id = ProcessId { pid: child.id(), start_time: process_start_time(child.id()).unwrap_or(0) };
+        let id = ProcessId {
+            pid: child.id(),
+            start_time: process_start_time(child.id()).unwrap_or(0),
+        };
         child.wait().unwrap();
         assert!(!id.is_alive());
     }

@@ -19,14 +19,14 @@ pub mod block;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
-use crate::layout::{ControlBlock, HeapState, LockWord, BIN_COUNT, MAX_SEGMENTS};
+use crate::layout::{ControlBlock, HeapState, LockWord, MAX_SEGMENTS};
 use crate::lock::LockGuard;
 use crate::shm::{format_bytes, Backing, FileIdentity, ProcessId, Segment};
 use crate::sync::{AtomicU32, Ordering};
 use crate::wait::futex_wake;
 use bins::{bin_of, first_bin_fitting};
-pub use block::{BlockHeader, SlabRef, HEADER_LEN};
 use block::{pack, unpack, MIN_BLOCK, STATE_FREE, STATE_USED};
+pub use block::{BlockHeader, SlabRef, HEADER_LEN};
 
 /// Segments are multiples of this (huge-page friendly).
 const SEGMENT_GRANULE: usize = 2 << 20;
@@ -81,6 +81,21 @@ impl Slab {
         self.slot.store(u32::from(slot), Ordering::Relaxed);
     }
 
+    pub fn control_segment(&self) -> &Segment {
+        &self.control
+    }
+
+    /// Publishes this process's descriptors of every segment it maps (after a fork the
+    /// child has the same descriptors under a new slot).
+    pub fn publish_mapped_segments(&self) {
+        let slot = &self.control().processes[usize::from(self.slot())];
+        for (index, cell) in self.segments.iter().enumerate() {
+            if let Some(segment) = cell.get() {
+                slot.segment_fds[index].store(segment.raw_fd(), Ordering::Release);
+            }
+        }
+    }
+
     pub fn backing(&self) -> &Backing {
         &self.backing
     }
@@ -101,11 +116,17 @@ impl Slab {
     }
 
     pub fn process_alive(&self, slot: u16) -> bool {
-        let Some(record) = self.control().processes.get(usize::from(slot)) else { return false };
+        let Some(record) = self.control().processes.get(usize::from(slot)) else {
+            return false;
+        };
         let state = record.state.load(Ordering::Acquire);
         let pid = state as u32;
         pid != 0
-            && ProcessId { pid, start_time: record.start_time.load(Ordering::Relaxed) }.is_alive()
+            && ProcessId {
+                pid,
+                start_time: record.start_time.load(Ordering::Relaxed),
+            }
+            .is_alive()
     }
 
     /// The segment at `index`, mapping it into this process on first use.
@@ -117,14 +138,19 @@ impl Slab {
         if let Some(segment) = cell.get() {
             return Ok(segment);
         }
-        let _serial = self.attaching.lock().unwrap_or_else(|poison| poison.into_inner());
+        let _serial = self
+            .attaching
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         if let Some(segment) = cell.get() {
             return Ok(segment);
         }
         let heap = self.heap();
         // Acquire: pairs with the Release increment in `grow`, making the record visible.
         if index >= heap.segment_count.load(Ordering::Acquire) as usize {
-            return Err(Error::Incompatible(format!("reference to slab segment {index}, which does not exist")));
+            return Err(Error::Incompatible(format!(
+                "reference to slab segment {index}, which does not exist"
+            )));
         }
         let record = &heap.segments[index];
         let len = record.len.load(Ordering::Relaxed) as usize;
@@ -207,7 +233,9 @@ impl Slab {
 
     /// Block size needed for `content_len` bytes of content.
     pub fn block_size(content_len: usize) -> Option<usize> {
-        let size = content_len.checked_add(HEADER_LEN)?.checked_next_multiple_of(HEADER_LEN)?;
+        let size = content_len
+            .checked_add(HEADER_LEN)?
+            .checked_next_multiple_of(HEADER_LEN)?;
         Some(size.max(MIN_BLOCK))
     }
 
@@ -224,7 +252,10 @@ impl Slab {
             Some(block) => block,
             None => match self.grow(size)? {
                 Some(block) => block,
-                None => return Ok(None),
+                None => {
+                    self.check_can_ever_fit(content_len, size)?;
+                    return Ok(None);
+                }
             },
         };
         let header = self.header(block)?;
@@ -234,19 +265,63 @@ impl Slab {
         }
         let (size, _) = unpack(header.size_state.load(Ordering::Relaxed));
         header.refs.store(1, Ordering::Relaxed);
-        header.origin.store(u32::from(self.slot()), Ordering::Relaxed);
+        header
+            .origin
+            .store(u32::from(self.slot()), Ordering::Relaxed);
         header.owner.store(owner, Ordering::Relaxed);
-        header.content_len.store(content_len as u64, Ordering::Relaxed);
+        header
+            .content_len
+            .store(content_len as u64, Ordering::Relaxed);
         header.check.store(block.check_word(), Ordering::Relaxed);
         // Release: the fields above are complete before the block reads as used.
-        header.size_state.store(pack(size, STATE_USED), Ordering::Release);
+        header
+            .size_state
+            .store(pack(size, STATE_USED), Ordering::Release);
         let heap = self.heap();
         heap.used_bytes.fetch_add(size as u64, Ordering::Relaxed);
         heap.used_blocks.fetch_add(1, Ordering::Relaxed);
         let segment = self.segment(block.segment())?;
         // SAFETY: the block lies inside the segment (it came from the free lists / growth).
         let address = unsafe { segment.base().add(block.offset() + HEADER_LEN) };
-        Ok(Some(Allocation { block, address, capacity: size - HEADER_LEN }))
+        Ok(Some(Allocation {
+            block,
+            address,
+            capacity: size - HEADER_LEN,
+        }))
+    }
+
+    /// Fails when no amount of waiting could make room for a block of `size`: segments never
+    /// merge with each other, so the largest block the slab can ever hand out is its largest
+    /// segment, or a new segment in the room `max_slab_bytes` leaves. Waiting for such a
+    /// block would hang forever. Heap lock held.
+    fn check_can_ever_fit(&self, content_len: usize, size: usize) -> Result<()> {
+        let heap = self.heap();
+        let count = heap.segment_count.load(Ordering::Relaxed) as usize;
+        let largest_segment = heap.segments[..count]
+            .iter()
+            .map(|record| record.len.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        let max = self.control().max_slab_bytes.load(Ordering::Relaxed);
+        let mapped = heap.mapped_bytes.load(Ordering::Relaxed);
+        let room = if count < MAX_SEGMENTS {
+            max.saturating_sub(mapped)
+        } else {
+            0
+        };
+        if size as u64 <= largest_segment.max(room) {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument(format!(
+            "message needs {} but can never fit: the slab's largest segment is {} and \
+             max_slab_bytes ({}) leaves room for {} more ({} mapped in {count} segments); \
+             raise max_slab_bytes, or pass slab_bytes at least as large as the largest message",
+            format_bytes(content_len as u64),
+            format_bytes(largest_segment),
+            format_bytes(max),
+            format_bytes(room),
+            format_bytes(mapped),
+        )))
     }
 
     /// Adds a holder to a used block (a message referencing an `alloc` buffer).
@@ -278,7 +353,9 @@ impl Slab {
             let header = self.header(block)?;
             let (size, _) = unpack(header.size_state.load(Ordering::Relaxed));
             header.check.store(0, Ordering::Relaxed);
-            header.size_state.store(pack(size, STATE_FREE), Ordering::Relaxed);
+            header
+                .size_state
+                .store(pack(size, STATE_FREE), Ordering::Relaxed);
             let heap = self.heap();
             heap.used_bytes.fetch_sub(size as u64, Ordering::Relaxed);
             heap.used_blocks.fetch_sub(1, Ordering::Relaxed);
@@ -302,7 +379,9 @@ impl Slab {
 
     /// True if a block for `content_len` bytes could be allocated right now.
     pub fn has_space(&self, content_len: usize) -> bool {
-        let Some(size) = Self::block_size(content_len) else { return false };
+        let Some(size) = Self::block_size(content_len) else {
+            return false;
+        };
         let control = self.control();
         let max = control.max_slab_bytes.load(Ordering::Relaxed);
         if size as u64 > max {
@@ -337,7 +416,9 @@ impl Slab {
         let own = bin_of(size);
         let mut link = heap.bins[own].load(Ordering::Relaxed);
         for _ in 0..8 {
-            let Some(block) = SlabRef::from_link(link) else { break };
+            let Some(block) = SlabRef::from_link(link) else {
+                break;
+            };
             let header = self.header(block)?;
             if unpack(header.size_state.load(Ordering::Relaxed)).0 >= size {
                 return Ok(Some(block));
@@ -359,7 +440,9 @@ impl Slab {
     }
 
     fn take_fitting(&self, size: usize) -> Result<Option<SlabRef>> {
-        let Some(block) = self.find_fitting(size)? else { return Ok(None) };
+        let Some(block) = self.find_fitting(size)? else {
+            return Ok(None);
+        };
         self.unlink_free(block)?;
         Ok(Some(block))
     }
@@ -373,7 +456,9 @@ impl Slab {
         header.next_free.store(head, Ordering::Relaxed);
         header.prev_free.store(0, Ordering::Relaxed);
         if let Some(next) = SlabRef::from_link(head) {
-            self.header(next)?.prev_free.store(block.link(), Ordering::Relaxed);
+            self.header(next)?
+                .prev_free
+                .store(block.link(), Ordering::Relaxed);
         }
         heap.bins[bin].store(block.link(), Ordering::Relaxed);
         heap.bitmap[bin / 64].fetch_or(1 << (bin % 64), Ordering::Relaxed);
@@ -392,7 +477,9 @@ impl Slab {
             None => heap.bins[bin].store(next, Ordering::Relaxed),
         }
         if let Some(next_block) = SlabRef::from_link(next) {
-            self.header(next_block)?.prev_free.store(prev, Ordering::Relaxed);
+            self.header(next_block)?
+                .prev_free
+                .store(prev, Ordering::Relaxed);
         }
         if heap.bins[bin].load(Ordering::Relaxed) == 0 {
             heap.bitmap[bin / 64].fetch_and(!(1 << (bin % 64)), Ordering::Relaxed);
@@ -407,8 +494,12 @@ impl Slab {
         // Tail first, then shrink the head: a walk by sizes sees either the old whole
         // block or both halves, never a gap.
         tail_header.prev_size.store(size as u64, Ordering::Relaxed);
-        tail_header.size_state.store(pack(found - size, STATE_FREE), Ordering::Relaxed);
-        header.size_state.store(pack(size, STATE_FREE), Ordering::Relaxed);
+        tail_header
+            .size_state
+            .store(pack(found - size, STATE_FREE), Ordering::Relaxed);
+        header
+            .size_state
+            .store(pack(size, STATE_FREE), Ordering::Relaxed);
         self.set_next_prev_size(tail, found - size)?;
         self.push_free(tail)
     }
@@ -418,7 +509,9 @@ impl Slab {
         let next_offset = block.offset() + size;
         if next_offset < segment_len {
             let next = SlabRef::new(block.segment(), next_offset);
-            self.header(next)?.prev_size.store(size as u64, Ordering::Relaxed);
+            self.header(next)?
+                .prev_size
+                .store(size as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -434,7 +527,9 @@ impl Slab {
             if state == STATE_FREE {
                 self.unlink_free(next)?;
                 size += next_size;
-                self.header(start)?.size_state.store(pack(size, STATE_FREE), Ordering::Relaxed);
+                self.header(start)?
+                    .size_state
+                    .store(pack(size, STATE_FREE), Ordering::Relaxed);
             }
         }
         let prev_size = self.header(start)?.prev_size.load(Ordering::Relaxed) as usize;
@@ -445,7 +540,9 @@ impl Slab {
                 self.unlink_free(prev)?;
                 size += prev_size;
                 start = prev;
-                self.header(start)?.size_state.store(pack(size, STATE_FREE), Ordering::Relaxed);
+                self.header(start)?
+                    .size_state
+                    .store(pack(size, STATE_FREE), Ordering::Relaxed);
             }
         }
         self.set_next_prev_size(start, size)?;
@@ -469,27 +566,36 @@ impl Slab {
             .max(size.next_multiple_of(SEGMENT_GRANULE));
         let len = wanted.min(room);
         let name = format!("tensorslab-{:016x}-{index}", self.channel_id);
-        let segment = Segment::create(&self.backing, &name, len).map_err(|error| {
-            grow_error(error, len, mapped, max)
-        })?;
+        let segment = Segment::create(&self.backing, &name, len)
+            .map_err(|error| grow_error(error, len, mapped, max))?;
         let record = &heap.segments[index];
         record.len.store(len as u64, Ordering::Relaxed);
-        record.device.store(segment.identity().device, Ordering::Relaxed);
-        record.inode.store(segment.identity().inode, Ordering::Relaxed);
+        record
+            .device
+            .store(segment.identity().device, Ordering::Relaxed);
+        record
+            .inode
+            .store(segment.identity().inode, Ordering::Relaxed);
         self.control().processes[usize::from(self.slot())].segment_fds[index]
             .store(segment.raw_fd(), Ordering::Release);
         // SAFETY: a fresh segment is zero-filled and at least MIN_BLOCK long; its first
         // header becomes one free block spanning it.
         let first = unsafe { &*segment.base().cast::<BlockHeader>() };
-        first.size_state.store(pack(len, STATE_FREE), Ordering::Relaxed);
+        first
+            .size_state
+            .store(pack(len, STATE_FREE), Ordering::Relaxed);
         first.prev_size.store(0, Ordering::Relaxed);
         if self.segments[index].set(segment).is_err() {
-            return Err(Error::Incompatible(format!("slab segment {index} created twice")));
+            return Err(Error::Incompatible(format!(
+                "slab segment {index} created twice"
+            )));
         }
         heap.mapped_bytes.fetch_add(len as u64, Ordering::Relaxed);
-        heap.next_segment_len.store((mapped + len as u64).max(len as u64) as u64, Ordering::Relaxed);
+        heap.next_segment_len
+            .store((mapped + len as u64).max(len as u64), Ordering::Relaxed);
         // Release: pairs with the Acquire load in `segment()`; the record is complete.
-        heap.segment_count.store(index as u32 + 1, Ordering::Release);
+        heap.segment_count
+            .store(index as u32 + 1, Ordering::Release);
         Ok(Some(SlabRef::new(index, 0)))
     }
 
@@ -507,13 +613,20 @@ impl Slab {
         let count = heap.segment_count.load(Ordering::Acquire) as usize;
         let (mut used_bytes, mut used_blocks) = (0u64, 0u64);
         for index in 0..count {
-            let Ok(segment) = self.segment(index) else { continue };
+            let Ok(segment) = self.segment(index) else {
+                continue;
+            };
             let len = segment.len();
-            let (mut offset, mut prev_size, mut free_run): (usize, usize, Option<(SlabRef, usize)>) =
-                (0, 0, None);
+            let (mut offset, mut prev_size, mut free_run): (
+                usize,
+                usize,
+                Option<(SlabRef, usize)>,
+            ) = (0, 0, None);
             while offset + HEADER_LEN <= len {
                 let block = SlabRef::new(index, offset);
-                let Ok(header) = self.header(block) else { break };
+                let Ok(header) = self.header(block) else {
+                    break;
+                };
                 let (size, state) = unpack(header.size_state.load(Ordering::Relaxed));
                 if size < HEADER_LEN || offset + size > len {
                     break;
@@ -548,14 +661,18 @@ impl Slab {
 
     fn finish_free_run(&self, start: SlabRef, size: usize) {
         if let Ok(header) = self.header(start) {
-            header.size_state.store(pack(size, STATE_FREE), Ordering::Relaxed);
+            header
+                .size_state
+                .store(pack(size, STATE_FREE), Ordering::Relaxed);
             let _ = self.push_free(start);
         }
     }
 }
 
 fn too_large(content_len: usize) -> Error {
-    Error::InvalidArgument(format!("message of {content_len} bytes is too large to address"))
+    Error::InvalidArgument(format!(
+        "message of {content_len} bytes is too large to address"
+    ))
 }
 
 fn too_large_for(content_len: usize, max: u64) -> Error {

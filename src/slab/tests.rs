@@ -8,10 +8,17 @@ fn slab(max: u64, first_segment: u64) -> Slab {
     // SAFETY: a fresh zeroed segment large enough for the control block.
     let block = unsafe { &*control.base().cast::<ControlBlock>() };
     block.max_slab_bytes.store(max, Ordering::Relaxed);
-    block.heap.next_segment_len.store(first_segment, Ordering::Relaxed);
+    block
+        .heap
+        .next_segment_len
+        .store(first_segment, Ordering::Relaxed);
     let me = ProcessId::current();
-    block.processes[0].state.store(u64::from(me.pid), Ordering::Relaxed);
-    block.processes[0].start_time.store(me.start_time, Ordering::Relaxed);
+    block.processes[0]
+        .state
+        .store(u64::from(me.pid), Ordering::Relaxed);
+    block.processes[0]
+        .start_time
+        .store(me.start_time, Ordering::Relaxed);
     for fd in block.processes[0].segment_fds.iter() {
         fd.store(-1, Ordering::Relaxed);
     }
@@ -25,8 +32,12 @@ fn free_blocks(slab: &Slab) -> Vec<(usize, usize, usize)> {
         let len = slab.segment(index).unwrap().len();
         let mut offset = 0;
         while offset < len {
-            let (size, state) =
-                unpack(slab.header(SlabRef::new(index, offset)).unwrap().size_state.load(Ordering::Relaxed));
+            let (size, state) = unpack(
+                slab.header(SlabRef::new(index, offset))
+                    .unwrap()
+                    .size_state
+                    .load(Ordering::Relaxed),
+            );
             if state == STATE_FREE {
                 found.push((index, offset, size));
             }
@@ -46,7 +57,12 @@ fn everything_released_coalesces_to_whole_segments() {
         assert!(allocation.capacity >= 100 + i * 977);
         assert_eq!(allocation.address as usize % 64, 0);
     }
-    for allocation in blocks.iter().rev().step_by(2).chain(blocks.iter().step_by(2)) {
+    for allocation in blocks
+        .iter()
+        .rev()
+        .step_by(2)
+        .chain(blocks.iter().step_by(2))
+    {
         let _ = slab.release(allocation.block);
     }
     assert_eq!(slab.usage().1, 0);
@@ -71,24 +87,36 @@ fn refuses_more_than_max_and_reports_full() {
 fn rejects_bad_references() {
     let slab = slab(8 << 20, 2 << 20);
     let a = slab.allocate(1000, 0).unwrap().unwrap();
-    assert!(slab.content(SlabRef::new(0, a.block.offset() + 64)).is_err());
+    assert!(slab
+        .content(SlabRef::new(0, a.block.offset() + 64))
+        .is_err());
     assert!(slab.content(SlabRef::new(0, 1 << 30)).is_err());
     assert!(slab.content(SlabRef::new(5, 0)).is_err());
     slab.release(a.block).unwrap();
-    assert!(slab.content(a.block).is_err(), "a freed block must not read as used");
+    assert!(
+        slab.content(a.block).is_err(),
+        "a freed block must not read as used"
+    );
 }
 
 #[test]
 fn rebuild_after_a_lost_lock_holder_matches() {
     let slab = slab(32 << 20, 4 << 20);
-    let blocks: Vec<_> = (0..50).map(|i| slab.allocate(4096 * (i % 7 + 1), 0).unwrap().unwrap()).collect();
+    let blocks: Vec<_> = (0..50)
+        .map(|i| slab.allocate(4096 * (i % 7 + 1), 0).unwrap().unwrap())
+        .collect();
     for allocation in blocks.iter().step_by(3) {
         slab.release(allocation.block).unwrap();
     }
     let before = (free_blocks(&slab), slab.usage());
     slab.rebuild_free_lists();
     assert_eq!((free_blocks(&slab), slab.usage()), before);
-    for allocation in blocks.iter().enumerate().filter(|(i, _)| i % 3 != 0).map(|(_, a)| a) {
+    for allocation in blocks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 != 0)
+        .map(|(_, a)| a)
+    {
         slab.release(allocation.block).unwrap();
     }
     assert_eq!(slab.usage().1, 0);

@@ -1,0 +1,777 @@
+//! A channel in pure Rust: creating and attaching its shared memory, the handles that keep
+//! it open, and the blocking put/get protocol. The binding only converts values.
+//!
+//! A message's life: `begin_put` allocates one slab block (waiting for memory if needed),
+//! the caller writes the frame into it, `publish` pushes its reference onto the ring,
+//! `receive` pops it (exactly one consumer), and `release_message` frees the block when the
+//! receiver's last view is gone, counting the acknowledgement for the sender.
+mod registry;
+mod ticket;
+
+pub use registry::{after_fork_in_child, after_fork_in_parent, before_fork};
+pub use ticket::Ticket;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::layout::{self, Cell, ControlBlock, ABI_VERSION, FLAG_STRICT, MAGIC};
+use crate::procs::Side;
+use crate::ring::{Entry, Ring};
+use crate::shm::{current_pid, format_bytes, Backing, FileIdentity, ProcessId, Segment};
+use crate::slab::block::{owner_word, OWNER_ALLOC, OWNER_RECEIVER, OWNER_SENDER};
+use crate::slab::{Allocation, Slab, SlabRef};
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use crate::wait::{futex_wait, futex_wake, Deadline, Interrupt};
+
+/// Smallest slab segment created when the user gives no `slab_bytes`.
+const DEFAULT_FIRST_SEGMENT: u64 = 16 << 20;
+/// Share of the available memory a channel may map when `max_slab_bytes` is not given.
+const DEFAULT_MAX_SHARE: f64 = 0.5;
+/// How often a blocked call checks for peers that died.
+const REAP_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a consumer spins before sleeping on an empty ring (latency vs. CPU).
+const SPIN: Duration = Duration::from_micros(20);
+
+#[derive(Clone, Debug)]
+pub struct ChannelOptions {
+    pub capacity: usize,
+    pub slab_bytes: Option<u64>,
+    pub max_slab_bytes: Option<u64>,
+    pub strict: bool,
+}
+
+impl Default for ChannelOptions {
+    fn default() -> Self {
+        ChannelOptions {
+            capacity: 64,
+            slab_bytes: None,
+            max_slab_bytes: None,
+            strict: false,
+        }
+    }
+}
+
+/// One process's attachment to a channel, shared by all its handles and views.
+pub struct Channel {
+    slab: Slab,
+    id: u64,
+    control_len: usize,
+    /// Handles open in this process, per side (what a fork child inherits).
+    local: [AtomicU32; 2],
+    /// The process this attachment belongs to; a fork child re-registers and updates it.
+    pid: AtomicU32,
+    /// Pending entry created for a fork in progress (see `registry`).
+    fork_pending: AtomicU64,
+    last_reap: Mutex<Instant>,
+}
+
+/// A message taken from the ring.
+pub struct Received {
+    pub block: SlabRef,
+    pub address: *mut u8,
+    pub len: usize,
+}
+
+// SAFETY: the address points into shared memory that stays mapped while the channel
+// lives; `Received` is only a description of it.
+unsafe impl Send for Received {}
+
+/// What `stats()` reports about the shared state.
+#[derive(Clone, Debug, Default)]
+pub struct SharedStats {
+    pub mapped_bytes: u64,
+    pub used_bytes: u64,
+    pub used_blocks: u64,
+    pub queued: u64,
+    pub capacity: u64,
+    pub max_slab_bytes: u64,
+    pub segments: u32,
+    pub senders: u32,
+    pub receivers: u32,
+    pub outstanding: u64,
+}
+
+fn side_index(side: Side) -> usize {
+    match side {
+        Side::Sender => 0,
+        Side::Receiver => 1,
+    }
+}
+
+pub fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: writes at most 8 bytes into the buffer it is given.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), 8, 0) };
+    if got != 8 {
+        // Not security relevant past uniqueness: fall back to time and pid.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        return now.as_nanos() as u64 ^ (u64::from(current_pid()) << 40);
+    }
+    u64::from_le_bytes(bytes)
+}
+
+impl Channel {
+    /// Creates a channel; this process is its first member.
+    pub fn create(options: &ChannelOptions) -> Result<Arc<Channel>> {
+        if options.capacity == 0 || options.capacity > 1 << 20 {
+            return Err(Error::InvalidArgument(format!(
+                "capacity must be between 1 and {}, got {}",
+                1 << 20,
+                options.capacity
+            )));
+        }
+        let backing = Backing::from_env();
+        let max = match options.max_slab_bytes {
+            Some(0) => {
+                return Err(Error::InvalidArgument(
+                    "max_slab_bytes must be positive".into(),
+                ))
+            }
+            Some(max) => max.next_multiple_of(4096),
+            None => ((backing.available_bytes() as f64 * DEFAULT_MAX_SHARE) as u64).max(64 << 20),
+        };
+        let first = options.slab_bytes.unwrap_or(DEFAULT_FIRST_SEGMENT).min(max);
+        if options.slab_bytes.is_some_and(|bytes| bytes > max) {
+            return Err(Error::InvalidArgument(format!(
+                "slab_bytes ({}) exceeds max_slab_bytes ({})",
+                format_bytes(options.slab_bytes.unwrap_or(0)),
+                format_bytes(max)
+            )));
+        }
+        let id = random_u64();
+        let control_len = layout::control_len(options.capacity);
+        let control = Segment::create(
+            &backing,
+            &format!("tensorslab-{id:016x}-control"),
+            control_len,
+        )?;
+        // SAFETY: a fresh, zero-filled mapping of `control_len` >= size_of::<ControlBlock>()
+        // bytes; all-zero is a valid ControlBlock (every field is an atomic integer).
+        let block = unsafe { &*control.base().cast::<ControlBlock>() };
+        block.header_size.store(
+            std::mem::size_of::<ControlBlock>() as u32,
+            Ordering::Relaxed,
+        );
+        block.channel_id.store(id, Ordering::Relaxed);
+        block
+            .capacity
+            .store(options.capacity as u32, Ordering::Relaxed);
+        block.flags.store(
+            if options.strict { FLAG_STRICT } else { 0 },
+            Ordering::Relaxed,
+        );
+        block.max_slab_bytes.store(max, Ordering::Relaxed);
+        block
+            .control_len
+            .store(control_len as u64, Ordering::Relaxed);
+        block.heap.next_segment_len.store(first, Ordering::Relaxed);
+        block.abi_version.store(ABI_VERSION, Ordering::Relaxed);
+        // Release: identity fields are complete before the magic marks the block valid
+        // (pairs with the Acquire load in `validate`).
+        block.magic.store(MAGIC, Ordering::Release);
+        let channel = Channel::join(control, backing, id, control_len)?;
+        if options.slab_bytes.is_some() {
+            // Map the first segment now, so the first put does not pay for it.
+            if let Some(allocation) = channel
+                .slab
+                .allocate(0, owner_word(OWNER_SENDER, channel.slot()))?
+            {
+                channel.slab.release(allocation.block)?;
+            }
+        }
+        Ok(channel)
+    }
+
+    /// Attaches this process to the channel a ticket describes (reusing an existing
+    /// attachment of the same channel in this process).
+    pub fn attach(ticket: &Ticket) -> Result<Arc<Channel>> {
+        if let Some(channel) = registry::find(ticket.channel_id) {
+            return Ok(channel);
+        }
+        let identity = FileIdentity {
+            device: ticket.device,
+            inode: ticket.inode,
+        };
+        let mut last_error = None;
+        for &(pid, fd) in &ticket.candidates {
+            match Segment::attach(pid, fd, ticket.control_len as usize, identity) {
+                Ok(control) => {
+                    validate(&control, ticket.channel_id)?;
+                    return Channel::join(
+                        control,
+                        Backing::from_env(),
+                        ticket.channel_id,
+                        ticket.control_len as usize,
+                    );
+                }
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(Error::Closed(format!(
+            "cannot attach channel {:016x}: every process that held it has exited{}",
+            ticket.channel_id,
+            last_error
+                .map(|e| format!(" (last attempt: {e})"))
+                .unwrap_or_default()
+        )))
+    }
+
+    fn join(
+        control: Segment,
+        backing: Backing,
+        id: u64,
+        control_len: usize,
+    ) -> Result<Arc<Channel>> {
+        let control_fd = control.raw_fd();
+        let control = Arc::new(control);
+        // SAFETY: validated (or just initialised) control block inside a live mapping.
+        let block = unsafe { &*control.base().cast::<ControlBlock>() };
+        let slot = block.claim_slot(ProcessId::current(), control_fd)?;
+        let channel = Arc::new(Channel {
+            slab: Slab::new(control, backing, id, slot),
+            id,
+            control_len,
+            local: [AtomicU32::new(0), AtomicU32::new(0)],
+            pid: AtomicU32::new(current_pid()),
+            fork_pending: AtomicU64::new(0),
+            last_reap: Mutex::new(Instant::now()),
+        });
+        registry::insert(&channel);
+        Ok(channel)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn control(&self) -> &ControlBlock {
+        self.slab.control()
+    }
+
+    pub fn slab(&self) -> &Slab {
+        &self.slab
+    }
+
+    pub fn slot(&self) -> u16 {
+        self.slab.slot()
+    }
+
+    pub fn strict(&self) -> bool {
+        self.control().flags.load(Ordering::Relaxed) & FLAG_STRICT != 0
+    }
+
+    /// True in the process that owns this attachment (false in a fork child that has not
+    /// re-registered, which must never release the parent's memory).
+    pub fn owned_here(&self) -> bool {
+        self.pid.load(Ordering::Relaxed) == current_pid()
+    }
+
+    fn ring(&self) -> Ring<'_> {
+        let control = self.slab.control();
+        let capacity = control.capacity.load(Ordering::Relaxed) as usize;
+        // SAFETY: the cells follow the control block (`layout::ring_offset`) inside the
+        // control segment, which `control_len(capacity)` sized; they are atomics.
+        let cells = unsafe {
+            let base = (control as *const ControlBlock)
+                .cast::<u8>()
+                .add(layout::ring_offset());
+            std::slice::from_raw_parts(base.cast::<Cell>(), capacity)
+        };
+        Ring {
+            state: &control.ring,
+            cells,
+        }
+    }
+
+    // ---- handles ----
+
+    /// Counts a new handle of this process on `side`.
+    pub fn open_handle(&self, side: Side) {
+        self.local[side_index(side)].fetch_add(1, Ordering::Relaxed);
+        self.control().add_handles(self.slot(), side, 1);
+    }
+
+    /// Uncounts a handle of this process on `side`.
+    pub fn close_handle(&self, side: Side) {
+        if !self.owned_here() {
+            return;
+        }
+        let _ =
+            self.local[side_index(side)].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+        self.control().remove_handles(self.slot(), side, 1);
+    }
+
+    /// A ticket another process can attach with; the handle it carries counts as open
+    /// (pending) until redeemed by `redeem`, or until this process exits.
+    pub fn ticket(&self, side: Side) -> Result<Ticket> {
+        let control = self.control();
+        let (senders, receivers) = match side {
+            Side::Sender => (1, 0),
+            Side::Receiver => (0, 1),
+        };
+        let pending = control.add_pending(self.slot(), senders, receivers, random_u64() as u32)?;
+        let mut candidates = vec![];
+        let me = usize::from(self.slot());
+        let own = &control.processes[me];
+        candidates.push((current_pid(), own.control_fd.load(Ordering::Relaxed)));
+        for (index, slot) in control.processes.iter().enumerate() {
+            let fd = slot.control_fd.load(Ordering::Relaxed);
+            if let (true, Some(pid), true) = (index != me, slot.pid(), fd >= 0) {
+                candidates.push((pid, fd));
+            }
+        }
+        let identity = self.slab_control_identity();
+        Ok(Ticket {
+            channel_id: self.id,
+            control_len: self.control_len as u64,
+            device: identity.device,
+            inode: identity.inode,
+            side,
+            pending,
+            candidates,
+        })
+    }
+
+    fn slab_control_identity(&self) -> FileIdentity {
+        self.slab.control_segment().identity()
+    }
+
+    /// Opens the handle a ticket carries in this process and redeems its pending entry.
+    pub fn redeem(&self, ticket: &Ticket) {
+        self.open_handle(ticket.side);
+        self.control().redeem_pending(ticket.pending);
+    }
+
+    pub fn open_count(&self, side: Side) -> u32 {
+        self.control().handles.open(side)
+    }
+
+    // ---- sending ----
+
+    fn ensure_receivers(&self) -> Result<()> {
+        if self.open_count(Side::Receiver) == 0 {
+            return Err(Error::Closed(
+                "every receiver of this channel has closed or exited".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Allocates a block for a frame of `len` bytes, waiting for memory while `deadline`
+    /// allows. `block == false` fails at once instead of waiting.
+    pub fn begin_put(
+        &self,
+        len: usize,
+        block: bool,
+        deadline: Deadline,
+        interrupt: Interrupt,
+    ) -> Result<Allocation> {
+        self.ensure_receivers()?;
+        if !block && self.ring().is_full() {
+            return Err(self.ring_full_error());
+        }
+        self.allocate(len, OWNER_SENDER, block, deadline, interrupt)
+    }
+
+    /// A buffer for `Sender.alloc`: a block the caller fills in place.
+    pub fn allocate_buffer(
+        &self,
+        len: usize,
+        deadline: Deadline,
+        interrupt: Interrupt,
+    ) -> Result<Allocation> {
+        self.allocate(len, OWNER_ALLOC, true, deadline, interrupt)
+    }
+
+    fn allocate(
+        &self,
+        len: usize,
+        kind: u64,
+        block: bool,
+        deadline: Deadline,
+        interrupt: Interrupt,
+    ) -> Result<Allocation> {
+        let owner = owner_word(kind, self.slot());
+        if let Some(allocation) = self.slab.allocate(len, owner)? {
+            return Ok(allocation);
+        }
+        if !block {
+            return Err(self.slab_full_error(len));
+        }
+        let heap = &self.control().heap;
+        let result = self.wait_until(
+            &heap.freed,
+            &heap.space_waiters,
+            deadline,
+            interrupt,
+            || {
+                self.ensure_receivers()?;
+                self.slab.allocate(len, owner)
+            },
+        )?;
+        result.ok_or_else(|| self.slab_full_error(len))
+    }
+
+    /// Publishes a filled block; waits for room in the ring while `deadline` allows. On
+    /// error the block is still the caller's (release it with `abort_put`).
+    pub fn publish(
+        &self,
+        allocation: &Allocation,
+        block: bool,
+        deadline: Deadline,
+        interrupt: Interrupt,
+    ) -> Result<()> {
+        let entry = Entry {
+            block: allocation.block.0,
+            origin: u32::from(self.slot()),
+        };
+        if let Ok(header) = self.slab.header(allocation.block) {
+            header.owner.store(
+                owner_word(crate::slab::block::OWNER_QUEUED, self.slot()),
+                Ordering::Relaxed,
+            );
+        }
+        // Counted before the push: a fast receiver may release it before we return.
+        let slot = &self.control().processes[usize::from(self.slot())];
+        slot.outstanding.fetch_add(1, Ordering::Relaxed);
+        let pushed = self.try_push(entry)?;
+        let pushed = if pushed {
+            true
+        } else if block {
+            let ring_state = &self.control().ring;
+            self.wait_until(
+                &ring_state.popped,
+                &ring_state.producers_waiting,
+                deadline,
+                interrupt,
+                || {
+                    self.ensure_receivers()?;
+                    Ok(self.try_push(entry)?.then_some(()))
+                },
+            )
+            .inspect_err(|_| self.uncount_outstanding(self.slot()))?
+            .is_some()
+        } else {
+            false
+        };
+        if !pushed {
+            self.uncount_outstanding(self.slot());
+            return Err(self.ring_full_error());
+        }
+        Ok(())
+    }
+
+    fn try_push(&self, entry: Entry) -> Result<bool> {
+        let control = self.control();
+        let pushed = {
+            let _guard = self.slab.lock(&control.ring_lock);
+            self.ring().push(entry)
+        };
+        if pushed {
+            // SeqCst: pairs with the SeqCst waiter registration in `wait_until`.
+            control.ring.pushed.fetch_add(1, Ordering::SeqCst);
+            if control.ring.consumers_waiting.load(Ordering::SeqCst) > 0 {
+                futex_wake(&control.ring.pushed, 1);
+            }
+        }
+        Ok(pushed)
+    }
+
+    /// Gives back a block whose put failed.
+    pub fn abort_put(&self, allocation: &Allocation) {
+        let _ = self.slab.release(allocation.block);
+    }
+
+    /// Adds a holder to an `alloc` buffer that a message references.
+    pub fn retain_buffer(&self, block: SlabRef) -> Result<()> {
+        self.slab.retain(block)
+    }
+
+    /// Drops a holder of an `alloc` buffer (its view died, or a message referencing it was
+    /// released).
+    pub fn release_buffer(&self, block: SlabRef) {
+        if self.owned_here() {
+            let _ = self.slab.release(block);
+        }
+    }
+
+    // ---- receiving ----
+
+    /// Takes the next message, waiting while `deadline` allows.
+    pub fn receive(
+        &self,
+        block: bool,
+        deadline: Deadline,
+        interrupt: Interrupt,
+    ) -> Result<Received> {
+        if let Some(received) = self.try_pop()? {
+            return Ok(received);
+        }
+        if self.open_count(Side::Sender) == 0 {
+            return self.try_pop()?.ok_or_else(closed_by_senders);
+        }
+        if !block {
+            return Err(Error::Empty("channel is empty".into()));
+        }
+        let spin_until = Instant::now() + SPIN;
+        let ring = self.ring();
+        while Instant::now() < spin_until {
+            if !ring.is_empty() {
+                if let Some(received) = self.try_pop()? {
+                    return Ok(received);
+                }
+            }
+            std::hint::spin_loop();
+        }
+        let ring_state = &self.control().ring;
+        let received = self.wait_until(
+            &ring_state.pushed,
+            &ring_state.consumers_waiting,
+            deadline,
+            interrupt,
+            || {
+                if let Some(received) = self.try_pop()? {
+                    return Ok(Some(received));
+                }
+                if self.open_count(Side::Sender) == 0 {
+                    return self.try_pop()?.map(Some).ok_or_else(closed_by_senders);
+                }
+                Ok(None)
+            },
+        )?;
+        received.ok_or_else(|| Error::Empty("no message arrived before the timeout".into()))
+    }
+
+    fn try_pop(&self) -> Result<Option<Received>> {
+        let control = self.control();
+        let entry = {
+            let _guard = self.slab.lock(&control.ring_lock);
+            let Some(entry) = self.ring().pop() else {
+                return Ok(None);
+            };
+            // Owner recorded under the ring lock: a recovery that scans the ring and the
+            // blocks sees the message either queued or ours, never lost in between.
+            if let Ok(header) = self.slab.header(SlabRef(entry.block)) {
+                header
+                    .owner
+                    .store(owner_word(OWNER_RECEIVER, self.slot()), Ordering::Relaxed);
+            }
+            entry
+        };
+        // SeqCst: pairs with the SeqCst waiter registration in `wait_until`.
+        control.ring.popped.fetch_add(1, Ordering::SeqCst);
+        if control.ring.producers_waiting.load(Ordering::SeqCst) > 0 {
+            futex_wake(&control.ring.popped, 1);
+        }
+        let block = SlabRef(entry.block);
+        let (header, address, _) = self.slab.content(block)?;
+        let len = header.content_len.load(Ordering::Relaxed) as usize;
+        Ok(Some(Received {
+            block,
+            address,
+            len,
+        }))
+    }
+
+    /// Frees a received message's block once its last view is gone, and counts the
+    /// acknowledgement for its sender.
+    pub fn release_message(&self, block: SlabRef) {
+        if !self.owned_here() {
+            return;
+        }
+        if let Ok(Some(origin)) = self.slab.release(block) {
+            self.uncount_outstanding(origin);
+        }
+    }
+
+    fn uncount_outstanding(&self, origin: u16) {
+        let Some(slot) = self.control().processes.get(usize::from(origin)) else {
+            return;
+        };
+        let _ = slot
+            .outstanding
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+        // SeqCst: pairs with the SeqCst waiter registration in `wait_for_all_ack`.
+        slot.acked.fetch_add(1, Ordering::SeqCst);
+        if slot.ack_waiters.load(Ordering::SeqCst) > 0 {
+            futex_wake(&slot.acked, i32::MAX);
+        }
+    }
+
+    /// Waits until every message this process put has been released by its receiver.
+    /// False on timeout, or when no receiver is left to release them.
+    pub fn wait_for_all_ack(&self, deadline: Deadline, interrupt: Interrupt) -> Result<bool> {
+        let slot = &self.control().processes[usize::from(self.slot())];
+        let done = || slot.outstanding.load(Ordering::Acquire) == 0;
+        if done() {
+            return Ok(true);
+        }
+        let result =
+            self.wait_until(&slot.acked, &slot.ack_waiters, deadline, interrupt, || {
+                if done() {
+                    return Ok(Some(true));
+                }
+                if self.open_count(Side::Receiver) == 0 && !self.ring().is_empty() {
+                    return Ok(Some(false));
+                }
+                Ok(None)
+            })?;
+        Ok(result.unwrap_or(false))
+    }
+
+    // ---- waiting ----
+
+    /// Runs `attempt` until it yields a value, sleeping on `word` between tries. Returns
+    /// `Ok(None)` when the deadline passes. Every wake-up (at least every 50 ms) runs
+    /// `interrupt` and, every 100 ms, a check for dead peers.
+    fn wait_until<T>(
+        &self,
+        word: &AtomicU32,
+        waiters: &AtomicU32,
+        deadline: Deadline,
+        interrupt: Interrupt,
+        mut attempt: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        loop {
+            let seen = word.load(Ordering::SeqCst);
+            if let Some(value) = attempt()? {
+                return Ok(Some(value));
+            }
+            let Some(remaining) = deadline.remaining() else {
+                return Ok(None);
+            };
+            // SeqCst registration, then re-check of `word`: pairs with the SeqCst bump +
+            // waiter load on the waking side, so either we see the bump or they see us.
+            waiters.fetch_add(1, Ordering::SeqCst);
+            if word.load(Ordering::SeqCst) == seen {
+                futex_wait(word, seen, remaining);
+            }
+            waiters.fetch_sub(1, Ordering::SeqCst);
+            interrupt()?;
+            self.reap_if_due();
+        }
+    }
+
+    /// Notices peers that died without closing (rate-limited).
+    pub fn reap_if_due(&self) {
+        let Ok(mut last) = self.last_reap.try_lock() else {
+            return;
+        };
+        if last.elapsed() < REAP_INTERVAL {
+            return;
+        }
+        *last = Instant::now();
+        self.control().reap_dead(|_| {});
+    }
+
+    // ---- reporting ----
+
+    pub fn shared_stats(&self) -> SharedStats {
+        let control = self.control();
+        let (mapped_bytes, used_bytes, used_blocks) = self.slab.usage();
+        SharedStats {
+            mapped_bytes,
+            used_bytes,
+            used_blocks,
+            queued: self.ring().len(),
+            capacity: self.ring().capacity(),
+            max_slab_bytes: control.max_slab_bytes.load(Ordering::Relaxed),
+            segments: control.heap.segment_count.load(Ordering::Relaxed),
+            senders: control.handles.open(Side::Sender),
+            receivers: control.handles.open(Side::Receiver),
+            outstanding: control.processes[usize::from(self.slot())]
+                .outstanding
+                .load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn queued(&self) -> u64 {
+        self.ring().len()
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.ring().capacity()
+    }
+
+    pub fn has_space(&self, len: usize) -> bool {
+        !self.ring().is_full() && self.slab.has_space(len)
+    }
+
+    fn ring_full_error(&self) -> Error {
+        Error::Full(format!(
+            "channel full: {} messages queued (capacity {}); receivers are not keeping up",
+            self.ring().len(),
+            self.ring().capacity()
+        ))
+    }
+
+    fn slab_full_error(&self, len: usize) -> Error {
+        let (mapped, used, blocks) = self.slab.usage();
+        let max = self.control().max_slab_bytes.load(Ordering::Relaxed);
+        let pids = self.control().pids(Some(Side::Receiver));
+        Error::Full(format!(
+            "slab exhausted: a message of {} does not fit; {} of {} mapped (max_slab_bytes {}) is held by {} unreleased messages (receiver pids {}); raise max_slab_bytes or drop received tensors sooner",
+            format_bytes(len as u64),
+            format_bytes(used),
+            format_bytes(mapped),
+            format_bytes(max),
+            blocks,
+            pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+        ))
+    }
+}
+
+fn closed_by_senders() -> Error {
+    Error::Closed(
+        "every sender of this channel has closed or exited, and no message is left".into(),
+    )
+}
+
+fn validate(control: &Segment, expected_id: u64) -> Result<()> {
+    if control.len() < std::mem::size_of::<ControlBlock>() {
+        return Err(Error::Incompatible(
+            "channel control segment is too small".into(),
+        ));
+    }
+    // SAFETY: the mapping is at least as long as a ControlBlock (checked above) and every
+    // field is an atomic integer, valid for any bit pattern.
+    let block = unsafe { &*control.base().cast::<ControlBlock>() };
+    // Acquire: pairs with the Release store of `magic` in `create`.
+    let magic = block.magic.load(Ordering::Acquire);
+    let version = block.abi_version.load(Ordering::Relaxed);
+    if magic != MAGIC {
+        return Err(Error::Incompatible(format!(
+            "not a tensorslab channel (magic {magic:#018x})"
+        )));
+    }
+    if version != ABI_VERSION {
+        return Err(Error::Incompatible(format!(
+            "channel was created by a tensorslab with shared-memory ABI version {version}, this one speaks version {ABI_VERSION}; use the same tensorslab version in every process"
+        )));
+    }
+    if block.channel_id.load(Ordering::Relaxed) != expected_id {
+        return Err(Error::Incompatible(
+            "attached segment belongs to another channel".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        registry::remove(self.id);
+        if self.owned_here() {
+            self.control().release_slot(self.slot());
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests;

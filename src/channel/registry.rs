@@ -1,0 +1,130 @@
+//! The channels this process is attached to, and what happens to them across `fork`.
+//!
+//! A fork child inherits handles and mappings but is a new process: it must count its
+//! inherited handles in a slot of its own. Between the fork and the child's registration
+//! the parent may close its copies (the usual pattern right after `Process.start()`), so
+//! the parent first records the handles the child will inherit as *pending* (keeping the
+//! channel open), and the child redeems that entry once registered.
+//!
+//! The registry lock is held across the fork (taken in `before_fork`, released in the
+//! after-fork hooks), so the child never inherits it locked by another thread.
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use super::{random_u64, side_index, Channel};
+use crate::procs::Side;
+use crate::shm::{current_pid, ProcessId};
+use crate::sync::Ordering;
+
+type Entries = Vec<(u64, Weak<Channel>)>;
+/// What `before_fork` holds until the after-fork hooks: the registry lock and the channels.
+type Held = (MutexGuard<'static, Entries>, Vec<Arc<Channel>>);
+
+static REGISTRY: Mutex<Entries> = Mutex::new(Vec::new());
+
+thread_local! {
+    /// The registry guard and the channels pinned for the duration of a fork.
+    static HELD: RefCell<Option<Held>> =
+        const { RefCell::new(None) };
+}
+
+fn lock() -> MutexGuard<'static, Entries> {
+    REGISTRY.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+pub(super) fn find(id: u64) -> Option<Arc<Channel>> {
+    let found = lock()
+        .iter()
+        .find(|(key, _)| *key == id)
+        .and_then(|(_, weak)| weak.upgrade());
+    found.filter(|channel| channel.owned_here())
+}
+
+pub(super) fn insert(channel: &Arc<Channel>) {
+    let mut entries = lock();
+    entries.retain(|(_, weak)| weak.strong_count() > 0);
+    entries.push((channel.id, Arc::downgrade(channel)));
+}
+
+pub(super) fn remove(id: u64) {
+    // try_lock: a Channel dropped while the fork hooks hold the lock is cleaned up by the
+    // next `insert` instead.
+    if let Ok(mut entries) = REGISTRY.try_lock() {
+        entries.retain(|(key, weak)| *key != id || weak.strong_count() > 0);
+    }
+}
+
+/// Run in the parent just before `fork()`.
+pub fn before_fork() {
+    let guard = lock();
+    let channels: Vec<Arc<Channel>> = guard
+        .iter()
+        .filter_map(|(_, weak)| weak.upgrade())
+        .collect();
+    for channel in &channels {
+        if !channel.owned_here() {
+            continue;
+        }
+        let senders = channel.local[side_index(Side::Sender)]
+            .load(Ordering::Relaxed)
+            .min(255) as u8;
+        let receivers = channel.local[side_index(Side::Receiver)]
+            .load(Ordering::Relaxed)
+            .min(255) as u8;
+        if senders == 0 && receivers == 0 {
+            continue;
+        }
+        // If the table is full the child still registers; only the close-before-register
+        // race stays open then.
+        let entry =
+            channel
+                .control()
+                .add_pending(channel.slot(), senders, receivers, random_u64() as u32);
+        channel
+            .fork_pending
+            .store(entry.unwrap_or(0), Ordering::Relaxed);
+    }
+    HELD.with(|held| *held.borrow_mut() = Some((guard, channels)));
+}
+
+/// Run in the parent after `fork()`: the child redeems the pending entries.
+pub fn after_fork_in_parent() {
+    let taken = HELD.with(|held| held.borrow_mut().take());
+    if let Some((guard, channels)) = taken {
+        for channel in &channels {
+            channel.fork_pending.store(0, Ordering::Relaxed);
+        }
+        drop(guard);
+    }
+}
+
+/// Run in the child after `fork()`: registers this process in every inherited channel.
+pub fn after_fork_in_child() {
+    let taken = HELD.with(|held| held.borrow_mut().take());
+    let Some((guard, channels)) = taken else {
+        return;
+    };
+    let me = ProcessId::current();
+    for channel in &channels {
+        let control = channel.control();
+        let control_fd = channel.slab.control_segment().raw_fd();
+        match control.claim_slot(me, control_fd) {
+            Ok(slot) => {
+                channel.slab.set_slot(slot);
+                channel.slab.publish_mapped_segments();
+                channel.pid.store(current_pid(), Ordering::Relaxed);
+                for side in [Side::Sender, Side::Receiver] {
+                    let count = channel.local[side_index(side)].load(Ordering::Relaxed);
+                    control.add_handles(slot, side, count);
+                }
+            }
+            // No slot: the inherited handles stay unusable here (owned_here() is false).
+            Err(_) => channel.pid.store(0, Ordering::Relaxed),
+        }
+        let pending = channel.fork_pending.swap(0, Ordering::Relaxed);
+        if pending != 0 {
+            control.redeem_pending(pending);
+        }
+    }
+    drop(guard);
+}

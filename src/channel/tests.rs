@@ -1,0 +1,175 @@
+use super::*;
+use std::time::Duration;
+
+fn no_interrupt() -> impl FnMut() -> Result<()> {
+    || Ok(())
+}
+
+fn send(channel: &Channel, bytes: &[u8]) -> Result<()> {
+    let deadline = Deadline::after(Some(Duration::from_secs(5)));
+    let allocation = channel.begin_put(bytes.len(), true, deadline, &mut no_interrupt())?;
+    // SAFETY: the allocation has at least `bytes.len()` bytes of capacity.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), allocation.address, bytes.len()) };
+    channel
+        .publish(&allocation, true, deadline, &mut no_interrupt())
+        .inspect_err(|_| channel.abort_put(&allocation))
+}
+
+fn take(channel: &Channel) -> Result<Vec<u8>> {
+    let received = channel.receive(
+        true,
+        Deadline::after(Some(Duration::from_secs(5))),
+        &mut no_interrupt(),
+    )?;
+    // SAFETY: `received` describes `len` bytes inside a live block.
+    let bytes = unsafe { std::slice::from_raw_parts(received.address, received.len) }.to_vec();
+    channel.release_message(received.block);
+    Ok(bytes)
+}
+
+fn channel(capacity: usize, max: u64) -> Arc<Channel> {
+    let channel = Channel::create(&ChannelOptions {
+        capacity,
+        slab_bytes: Some(2 << 20),
+        max_slab_bytes: Some(max),
+        strict: false,
+    })
+    .unwrap();
+    channel.open_handle(Side::Sender);
+    channel.open_handle(Side::Receiver);
+    channel
+}
+
+#[test]
+fn threads_move_messages_in_order_and_memory_returns() {
+    let channel = channel(4, 16 << 20);
+    let producer = {
+        let channel = channel.clone();
+        std::thread::spawn(move || {
+            for i in 0..2000u32 {
+                let len = 4 + (i as usize * 7919) % 100_000;
+                let mut bytes = vec![(i % 251) as u8; len];
+                bytes[..4].copy_from_slice(&i.to_le_bytes());
+                send(&channel, &bytes).unwrap();
+            }
+        })
+    };
+    for i in 0..2000u32 {
+        let bytes = take(&channel).unwrap();
+        assert_eq!(bytes.len(), 4 + (i as usize * 7919) % 100_000);
+        assert_eq!(u32::from_le_bytes(bytes[..4].try_into().unwrap()), i);
+        assert!(bytes[4..].iter().all(|&b| b == (i % 251) as u8));
+    }
+    producer.join().unwrap();
+    assert!(channel
+        .wait_for_all_ack(
+            Deadline::after(Some(Duration::from_secs(1))),
+            &mut no_interrupt()
+        )
+        .unwrap());
+    let stats = channel.shared_stats();
+    assert_eq!(
+        (stats.used_bytes, stats.used_blocks, stats.queued),
+        (0, 0, 0)
+    );
+    assert!(stats.mapped_bytes <= 16 << 20);
+}
+
+#[test]
+fn closing_the_last_sender_ends_the_receiver_after_draining() {
+    let channel = channel(4, 16 << 20);
+    send(&channel, b"last words").unwrap();
+    channel.close_handle(Side::Sender);
+    assert_eq!(take(&channel).unwrap(), b"last words");
+    assert!(matches!(take(&channel), Err(Error::Closed(_))));
+}
+
+#[test]
+fn put_without_receivers_is_closed() {
+    let channel = channel(4, 16 << 20);
+    channel.close_handle(Side::Receiver);
+    assert!(matches!(send(&channel, b"x"), Err(Error::Closed(_))));
+}
+
+#[test]
+fn full_ring_and_full_slab_time_out_with_details() {
+    let channel = channel(2, 8 << 20);
+    send(&channel, b"a").unwrap();
+    send(&channel, b"b").unwrap();
+    let allocation = channel
+        .begin_put(1, true, Deadline::never(), &mut no_interrupt())
+        .unwrap();
+    let error = channel
+        .publish(
+            &allocation,
+            true,
+            Deadline::after(Some(Duration::from_millis(30))),
+            &mut no_interrupt(),
+        )
+        .unwrap_err();
+    channel.abort_put(&allocation);
+    assert!(error.to_string().contains("capacity 2"), "{error}");
+    take(&channel).unwrap();
+    take(&channel).unwrap();
+    let big = channel
+        .begin_put(3 << 20, true, Deadline::never(), &mut no_interrupt())
+        .unwrap();
+    let error = channel
+        .begin_put(
+            3 << 20,
+            true,
+            Deadline::after(Some(Duration::from_millis(30))),
+            &mut no_interrupt(),
+        )
+        .unwrap_err();
+    assert!(error.to_string().starts_with("slab exhausted"), "{error}");
+    channel.abort_put(&big);
+    assert_eq!(channel.shared_stats().used_blocks, 0);
+}
+
+#[test]
+fn interrupt_abandons_a_blocked_receive() {
+    let channel = channel(2, 4 << 20);
+    let mut calls = 0;
+    let result = channel.receive(true, Deadline::never(), &mut || {
+        calls += 1;
+        if calls == 2 {
+            Err(Error::Interrupted)
+        } else {
+            Ok(())
+        }
+    });
+    assert!(matches!(result, Err(Error::Interrupted)));
+    send(&channel, b"still usable").unwrap();
+    assert_eq!(take(&channel).unwrap(), b"still usable");
+}
+
+#[test]
+fn ticket_attaches_in_the_same_process_and_counts_pending() {
+    let channel = channel(2, 4 << 20);
+    let ticket = channel.ticket(Side::Sender).unwrap();
+    assert_eq!(channel.open_count(Side::Sender), 2);
+    let again = Channel::attach(&Ticket::from_bytes(&ticket.to_bytes()).unwrap()).unwrap();
+    assert!(Arc::ptr_eq(&again, &channel));
+    again.redeem(&ticket);
+    assert_eq!(channel.open_count(Side::Sender), 2);
+    again.redeem(&ticket); // a second redeem opens a handle but finds no pending entry
+    assert_eq!(channel.open_count(Side::Sender), 3);
+}
+
+#[test]
+fn a_message_that_can_never_fit_fails_at_once() {
+    // 2 MiB first segment, 4 MiB limit: a 3 MiB block fits neither the segment nor the room
+    // left for a new one, and waiting would never change that.
+    let channel = channel(2, 4 << 20);
+    // A bounded deadline, so a regression shows as `Full` rather than a hang.
+    let deadline = Deadline::after(Some(Duration::from_secs(10)));
+    let error = channel
+        .begin_put(3 << 20, true, deadline, &mut no_interrupt())
+        .unwrap_err();
+    assert!(matches!(error, Error::InvalidArgument(_)), "{error}");
+    assert!(error.to_string().contains("can never fit"), "{error}");
+    send(&channel, b"still usable").unwrap();
+    assert_eq!(take(&channel).unwrap(), b"still usable");
+    assert_eq!(channel.shared_stats().used_blocks, 0);
+}
