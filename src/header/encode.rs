@@ -1,0 +1,95 @@
+//! Writing the value stream. Infallible: every size is known to the caller, and the
+//! binding decides what is encodable before it writes.
+use super::{Location, Tag};
+
+/// A growing value stream. Reused between messages (`clear`) so a steady state of `put`
+/// allocates nothing here.
+#[derive(Default, Debug)]
+pub struct Writer {
+    buffer: Vec<u8>,
+}
+
+impl Writer {
+    pub fn new() -> Writer {
+        Writer::default()
+    }
+
+    pub fn clear(&mut self) {
+        self.buffer.clear();
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buffer
+    }
+
+    pub fn len(&self) -> usize {
+        self.buffer.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buffer.is_empty()
+    }
+
+    /// Cuts the stream back to `len` bytes (undoing a value whose encoding failed).
+    pub fn truncate(&mut self, len: usize) {
+        self.buffer.truncate(len);
+    }
+
+    pub fn tag(&mut self, tag: Tag) {
+        self.buffer.push(tag as u8);
+    }
+
+    pub fn u8(&mut self, value: u8) {
+        self.buffer.push(value);
+    }
+
+    pub fn uvarint(&mut self, mut value: u64) {
+        while value >= 0x80 {
+            self.buffer.push(value as u8 | 0x80);
+            value >>= 7;
+        }
+        self.buffer.push(value as u8);
+    }
+
+    pub fn ivarint(&mut self, value: i64) {
+        self.uvarint(((value << 1) ^ (value >> 63)) as u64);
+    }
+
+    pub fn f64(&mut self, value: f64) {
+        self.buffer
+            .extend_from_slice(&value.to_bits().to_le_bytes());
+    }
+
+    pub fn raw(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// Length-prefixed bytes.
+    pub fn bytes(&mut self, bytes: &[u8]) {
+        self.uvarint(bytes.len() as u64);
+        self.raw(bytes);
+    }
+
+    pub fn str(&mut self, text: &str) {
+        self.bytes(text.as_bytes());
+    }
+
+    /// A tagged string value.
+    pub fn str_value(&mut self, text: &str) {
+        self.tag(Tag::Str);
+        self.str(text);
+    }
+
+    pub fn location(&mut self, location: Location) {
+        self.uvarint(location.block);
+        self.uvarint(location.offset);
+        self.uvarint(location.nbytes);
+    }
+
+    /// A `Global` value: a class or function named by module and qualified name.
+    pub fn global(&mut self, module: &str, qualname: &str) {
+        self.tag(Tag::Global);
+        self.str(module);
+        self.str(qualname);
+    }
+}
