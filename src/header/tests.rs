@@ -207,7 +207,7 @@ fn deep_nesting_is_refused_not_recursed() {
     let decoded = std::thread::Builder::new()
         .stack_size(64 << 20)
         .spawn(|| {
-            let mut bytes = vec![Tag::List as u8, 1].repeat(100_000);
+            let mut bytes = [Tag::List as u8, 1].repeat(100_000);
             bytes.push(Tag::None as u8);
             Value::decode(&mut Reader::new(&bytes)).map(|_| ())
         })
