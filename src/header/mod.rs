@@ -30,6 +30,11 @@
 //!
 //! # Value stream
 //!
+//! The stream opens with the `alloc` blocks the frame holds one reference to each
+//! (`uvarint count`, then `count` × uvarint `SlabRef + 1`), so a receiver knows every block
+//! it must release before it decodes anything, even if decoding then fails. One value
+//! follows: the message.
+//!
 //! A value is a tag byte ([`Tag`]) followed by its body. `uvarint` is unsigned LEB128;
 //! `ivarint` is zigzag LEB128; `str` is `uvarint length` + UTF-8; `count` is a uvarint
 //! number of items, each a value unless said otherwise.

@@ -1,11 +1,30 @@
-//! The Python binding: converts between Python objects and the core, and decides
-//! nothing. `#[pymodule]` only registers.
+//! The Python binding: converts between Python objects and the core, and decides nothing.
+//! `#[pymodule]` only registers.
 use pyo3::prelude::*;
 
+mod blocking;
+mod decode;
+mod dlpack;
+mod encode;
 pub(crate) mod exceptions;
+mod frame;
+mod handles;
+mod lease;
+mod types;
 
 #[pymodule]
 fn _tensorslab(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("ABI_VERSION", crate::layout::ABI_VERSION)?;
+    m.add_class::<handles::Sender>()?;
+    m.add_class::<handles::Receiver>()?;
+    m.add_class::<lease::Lease>()?;
+    m.add_function(wrap_pyfunction!(handles::channel, m)?)?;
+    m.add_function(wrap_pyfunction!(handles::dumps, m)?)?;
+    m.add_function(wrap_pyfunction!(handles::loads, m)?)?;
+    m.add_function(wrap_pyfunction!(handles::_rebuild, m)?)?;
+    m.add_function(wrap_pyfunction!(handles::_before_fork, m)?)?;
+    m.add_function(wrap_pyfunction!(handles::_after_fork_in_parent, m)?)?;
+    m.add_function(wrap_pyfunction!(handles::_after_fork_in_child, m)?)?;
     Ok(())
 }

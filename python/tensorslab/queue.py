@@ -1,0 +1,72 @@
+"""``tensorslab.Queue``: a drop-in for ``multiprocessing.Queue`` on one channel.
+
+Every process holding the queue holds one sender and one receiver handle, so any of them
+may put and get. Unlike ``multiprocessing.Queue`` there is no feeder thread: ``put``
+copies the message into shared memory before it returns, so ``join_thread`` and
+``cancel_join_thread`` have nothing to wait for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._tensorslab import Receiver, Sender, channel
+
+#: Capacity used for ``maxsize <= 0`` ("unbounded"): the ring is sized once, up front.
+UNBOUNDED_CAPACITY = 65536
+
+
+class Queue:
+    """A process-shared FIFO queue with the interface of ``multiprocessing.Queue``.
+
+    ``maxsize <= 0`` means up to 65,536 queued messages (the ring is fixed in size);
+    memory is bounded by the slab, which grows on demand.
+    """
+
+    def __init__(self, maxsize: int = 0, **channel_options: Any) -> None:
+        capacity = maxsize if maxsize > 0 else UNBOUNDED_CAPACITY
+        self._maxsize = maxsize
+        self._tx, self._rx = channel(capacity, **channel_options)
+
+    @classmethod
+    def _from_handles(cls, maxsize: int, tx: Sender, rx: Receiver) -> Queue:
+        queue = cls.__new__(cls)
+        queue._maxsize, queue._tx, queue._rx = maxsize, tx, rx
+        return queue
+
+    def __reduce__(self):
+        return (Queue._from_handles, (self._maxsize, self._tx, self._rx))
+
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        self._tx.put(obj, block, timeout)
+
+    def put_nowait(self, obj: Any) -> None:
+        self._tx.put_nowait(obj)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        return self._rx.get(block, timeout)
+
+    def get_nowait(self) -> Any:
+        return self._rx.get_nowait()
+
+    def qsize(self) -> int:
+        return self._rx.qsize()
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+    def full(self) -> bool:
+        return self._maxsize > 0 and self.qsize() >= self._maxsize
+
+    def close(self) -> None:
+        """No more puts from this process (its sender handle closes); gets still work."""
+        self._tx.close()
+
+    def join_thread(self) -> None:
+        """Nothing to join: ``put`` has finished writing when it returns."""
+
+    def cancel_join_thread(self) -> None:
+        """Nothing to cancel: there is no feeder thread."""
+
+    def __repr__(self) -> str:
+        return f"<tensorslab.Queue maxsize={self._maxsize} qsize={self.qsize()}>"

@@ -1,0 +1,54 @@
+//! The one way the binding waits: every blocking call (put, get, alloc, wait_for_all_ack)
+//! goes through [`wait`], which releases the GIL, bounds the wait by the caller's timeout,
+//! and wakes at least every `wait::MAX_SLEEP` (50 ms) to run Python's signal handlers, so
+//! Ctrl-C interrupts a blocked call promptly and leaves the channel usable.
+use std::time::Duration;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::wait::{Deadline, Interrupt};
+
+/// `timeout=` as the standard library's queues take it: `None` waits forever.
+pub fn deadline(timeout: Option<f64>) -> PyResult<Deadline> {
+    match timeout {
+        None => Ok(Deadline::never()),
+        Some(seconds) if seconds.is_finite() && seconds >= 0.0 => Ok(Deadline::after(Some(
+            Duration::from_secs_f64(seconds.min(1e9)),
+        ))),
+        Some(seconds) => Err(PyValueError::new_err(format!(
+            "timeout must be a non-negative number, got {seconds}"
+        ))),
+    }
+}
+
+/// Runs `work` without the GIL. `work` gets an interrupt hook to call at every wake-up: it
+/// re-takes the GIL briefly and runs pending signal handlers; if one raised (Ctrl-C), the
+/// exception is kept for the caller and the wait is abandoned with `Error::Interrupted`.
+pub fn wait<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce(Interrupt) -> Result<T> + Send,
+) -> PyResult<T> {
+    wait_raw(py, work).map_err(PyErr::from)
+}
+
+/// [`wait`] keeping the core error, for callers that react to one kind (iteration ends on
+/// `Closed`). `Error::Interrupted` means the Python exception is set, ready to be taken.
+pub fn wait_raw<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce(Interrupt) -> Result<T> + Send,
+) -> Result<T> {
+    py.detach(|| {
+        let mut check = || {
+            Python::attach(|py| match py.check_signals() {
+                Ok(()) => Ok(()),
+                Err(error) => {
+                    error.restore(py);
+                    Err(Error::Interrupted)
+                }
+            })
+        };
+        work(&mut check)
+    })
+}

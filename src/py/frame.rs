@@ -1,0 +1,67 @@
+//! Assembling a frame from an encoded message: prefix, the `alloc` block list, the value
+//! stream, then the payloads. Shared by `put` (into a slab block) and `dumps` (into bytes).
+use pyo3::prelude::*;
+
+use super::encode::{copy_payloads, Encoded};
+use crate::error::Error;
+use crate::header::{FrameHeader, Writer, PREFIX_LEN};
+
+pub struct Frame {
+    pub header: FrameHeader,
+    /// The opening of the value stream: the `alloc` blocks the frame holds.
+    prelude: Writer,
+}
+
+impl Frame {
+    pub fn plan(encoded: &Encoded) -> PyResult<Frame> {
+        let mut prelude = Writer::new();
+        prelude.uvarint(encoded.buffers.len() as u64);
+        for lease in &encoded.buffers {
+            prelude.uvarint(lease.block().link());
+        }
+        let stream_len = prelude.len() + encoded.stream.len();
+        let header = FrameHeader::new(
+            encoded.flags,
+            stream_len,
+            encoded.array_count as usize,
+            encoded.payload_len,
+        )
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!("message header of {stream_len} bytes is too large"))
+        })?;
+        Ok(Frame { header, prelude })
+    }
+
+    pub fn len(&self) -> usize {
+        self.header.frame_len as usize
+    }
+
+    /// Writes the whole frame at `destination`.
+    ///
+    /// # Safety
+    /// `destination` must be writable for `self.len()` bytes and must not overlap any
+    /// payload source; the payload sources must be alive.
+    pub unsafe fn write(&self, encoded: &Encoded, destination: *mut u8) {
+        let prefix = self.header.to_bytes();
+        let mut at = 0;
+        for part in [
+            &prefix[..],
+            self.prelude.as_bytes(),
+            encoded.stream.as_bytes(),
+        ] {
+            // SAFETY: prefix + stream end before `payload_offset` <= `len()` (FrameHeader::new).
+            unsafe {
+                std::ptr::copy_nonoverlapping(part.as_ptr(), destination.add(at), part.len())
+            };
+            at += part.len();
+        }
+        debug_assert_eq!(at, PREFIX_LEN + self.header.header_len as usize);
+        // SAFETY: the payload area spans `payload_offset..len()`, as laid out by the encoder.
+        unsafe {
+            copy_payloads(
+                &encoded.payloads,
+                destination.add(self.header.payload_offset as usize),
+            )
+        };
+    }
+}

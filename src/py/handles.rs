@@ -1,0 +1,585 @@
+//! `Sender`, `Receiver` and `channel()`: thin wrappers that convert arguments, call the core
+//! channel, and keep per-handle statistics. Pickling a handle produces a ticket (see
+//! `channel::Ticket`) that counts as an open handle until another process redeems it.
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use numpy::{PyArrayDescr, PyArrayDescrMethods};
+use pyo3::exceptions::{PyStopIteration, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+
+use super::blocking::{deadline, wait, wait_raw};
+use super::decode::{numpy_view, read_buffers, Decoder, Mode};
+use super::dlpack;
+use super::encode::Encoder;
+use super::frame::Frame;
+use super::lease::{register_alloc, Keeper, Lease, MessageLease};
+use super::types::{torch, torch_if_loaded};
+use crate::channel::{Channel, ChannelOptions, Received, Ticket};
+use crate::error::Error;
+use crate::header::{FrameHeader, Reader};
+use crate::procs::Side;
+use crate::wait::Deadline;
+
+/// Counters of one handle, for `stats()`.
+#[derive(Default)]
+struct Counters {
+    messages: AtomicU64,
+    bytes: AtomicU64,
+    blocked_nanos: AtomicU64,
+}
+
+impl Counters {
+    fn record(&self, bytes: usize, blocked: std::time::Duration) {
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.blocked_nanos
+            .fetch_add(blocked.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// What both handles share: the channel, their side, whether closed, counters.
+struct Handle {
+    channel: Arc<Channel>,
+    side: Side,
+    closed: AtomicBool,
+    counters: Counters,
+}
+
+impl Handle {
+    fn new(channel: Arc<Channel>, side: Side) -> Handle {
+        Handle {
+            channel,
+            side,
+            closed: AtomicBool::new(false),
+            counters: Counters::default(),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self.side {
+            Side::Sender => "Sender",
+            Side::Receiver => "Receiver",
+        }
+    }
+
+    /// The channel, or `ValueError` after `close()` (as `multiprocessing.Queue`).
+    fn open(&self) -> PyResult<&Arc<Channel>> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(PyValueError::new_err(format!(
+                "{} of channel {:016x} is closed",
+                self.name(),
+                self.channel.id()
+            )));
+        }
+        Ok(&self.channel)
+    }
+
+    fn close(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.channel.close_handle(self.side);
+        }
+    }
+
+    fn reduce<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let channel = self.open()?;
+        let ticket = channel.ticket(self.side)?;
+        let rebuild = py.import("tensorslab._tensorslab")?.getattr("_rebuild")?;
+        let state = PyBytes::new(py, &ticket.to_bytes());
+        PyTuple::new(py, [rebuild, PyTuple::new(py, [state])?.into_any()])
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let shared = self.channel.shared_stats();
+        let dict = PyDict::new(py);
+        let (sent, received) = match self.side {
+            Side::Sender => (&self.counters, None),
+            Side::Receiver => (&Counters::default(), Some(&self.counters)),
+        };
+        let zero = Counters::default();
+        let received = received.unwrap_or(&zero);
+        let seconds = |nanos: &AtomicU64| nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        dict.set_item("slab_mapped_bytes", shared.mapped_bytes)?;
+        dict.set_item("slab_used_bytes", shared.used_bytes)?;
+        dict.set_item("messages_in_flight", shared.used_blocks)?;
+        dict.set_item("queued", shared.queued)?;
+        dict.set_item("capacity", shared.capacity)?;
+        dict.set_item("max_slab_bytes", shared.max_slab_bytes)?;
+        dict.set_item("segments", shared.segments)?;
+        dict.set_item("senders", shared.senders)?;
+        dict.set_item("receivers", shared.receivers)?;
+        dict.set_item("unacknowledged", shared.outstanding)?;
+        dict.set_item("messages_sent", sent.messages.load(Ordering::Relaxed))?;
+        dict.set_item("bytes_sent", sent.bytes.load(Ordering::Relaxed))?;
+        dict.set_item("put_blocked_seconds", seconds(&sent.blocked_nanos))?;
+        dict.set_item(
+            "messages_received",
+            received.messages.load(Ordering::Relaxed),
+        )?;
+        dict.set_item("bytes_received", received.bytes.load(Ordering::Relaxed))?;
+        dict.set_item("get_blocked_seconds", seconds(&received.blocked_nanos))?;
+        Ok(dict)
+    }
+
+    fn repr(&self) -> String {
+        let state = if self.closed.load(Ordering::Relaxed) {
+            " closed"
+        } else {
+            ""
+        };
+        format!(
+            "<tensorslab.{} of channel {:016x}{state}>",
+            self.name(),
+            self.channel.id()
+        )
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The sending end of a channel.
+#[pyclass(frozen, module = "tensorslab._tensorslab")]
+pub struct Sender {
+    handle: Handle,
+}
+
+/// The receiving end of a channel.
+#[pyclass(frozen, module = "tensorslab._tensorslab")]
+pub struct Receiver {
+    handle: Handle,
+}
+
+#[pymethods]
+impl Sender {
+    #[pyo3(signature = (obj, block = true, timeout = None))]
+    fn put(
+        &self,
+        py: Python<'_>,
+        obj: &Bound<'_, PyAny>,
+        block: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let channel = self.handle.open()?;
+        let deadline = deadline(timeout)?;
+        let encoded = Encoder::new(py, channel.strict(), Some(channel.id()))?
+            .encode(obj)
+            .map_err(|failure| failure.into_pyerr(py))?;
+        let frame = Frame::plan(&encoded)?;
+        let (encoded, frame) = (&encoded, &frame);
+        let blocked = wait(py, move |interrupt| {
+            let started = Instant::now();
+            let allocation = channel.begin_put(frame.len(), block, deadline, interrupt)?;
+            let mut blocked = started.elapsed();
+            // SAFETY: the block holds at least `frame.len()` bytes and is ours alone until
+            // published; the payload sources are kept alive by `encoded`.
+            unsafe { frame.write(encoded, allocation.address) };
+            for (index, lease) in encoded.buffers.iter().enumerate() {
+                if let Err(error) = channel.retain_buffer(lease.block()) {
+                    encoded.buffers[..index]
+                        .iter()
+                        .for_each(|held| channel.release_buffer(held.block()));
+                    channel.abort_put(&allocation);
+                    return Err(error);
+                }
+            }
+            let publishing = Instant::now();
+            if let Err(error) = channel.publish(&allocation, block, deadline, interrupt) {
+                encoded
+                    .buffers
+                    .iter()
+                    .for_each(|held| channel.release_buffer(held.block()));
+                channel.abort_put(&allocation);
+                return Err(error);
+            }
+            blocked += publishing.elapsed();
+            Ok(blocked)
+        })?;
+        self.handle
+            .counters
+            .record(frame.len() + encoded.alloc_bytes, blocked);
+        Ok(())
+    }
+
+    fn put_nowait(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.put(py, obj, false, None)
+    }
+
+    /// True when a message with `nbytes` of payload could be put right now without waiting.
+    #[pyo3(signature = (nbytes = 0))]
+    fn has_space(&self, nbytes: usize) -> PyResult<bool> {
+        let channel = self.handle.open()?;
+        Ok(channel.has_space(nbytes.saturating_add(1024)))
+    }
+
+    #[pyo3(signature = (timeout = None))]
+    fn wait_for_all_ack(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let channel = self.handle.open()?;
+        let deadline = deadline(timeout)?;
+        wait(py, |interrupt| {
+            channel.wait_for_all_ack(deadline, interrupt)
+        })
+    }
+
+    /// An uninitialised array (NumPy dtype) or tensor (torch dtype) in slab memory.
+    #[pyo3(signature = (shape, dtype, *, timeout = None))]
+    fn alloc<'py>(
+        &self,
+        py: Python<'py>,
+        shape: &Bound<'py, PyAny>,
+        dtype: &Bound<'py, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let channel = self.handle.open()?;
+        let shape: Vec<usize> = match shape.extract::<usize>() {
+            Ok(length) => vec![length],
+            Err(_) => shape.extract().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "shape must be an int or a sequence of non-negative ints, got {}",
+                    shape.repr().map(|r| r.to_string()).unwrap_or_default()
+                ))
+            })?,
+        };
+        let torch_dtype = match torch_if_loaded(py)? {
+            Some(torch) if dtype.is_instance(torch.dtype.bind(py))? => {
+                let name = dtype.str()?.to_string();
+                let name = name.strip_prefix("torch.").unwrap_or(&name).to_owned();
+                Some(dlpack::dtype_of(&name).ok_or_else(|| {
+                    PyTypeError::new_err(format!("alloc does not support dtype torch.{name}"))
+                })?)
+            }
+            _ => None,
+        };
+        let numpy_dtype = match torch_dtype {
+            Some(_) => None,
+            None => {
+                let descr = PyArrayDescr::new(py, dtype)?;
+                if descr.has_object() {
+                    return Err(PyTypeError::new_err(
+                        "alloc cannot hold Python objects (object dtype)",
+                    ));
+                }
+                Some(descr)
+            }
+        };
+        let itemsize = match (&torch_dtype, &numpy_dtype) {
+            (Some(dl), _) => usize::from(dl.bits).div_ceil(8),
+            (_, Some(descr)) => descr.itemsize(),
+            _ => unreachable!("one of the dtypes is set"),
+        };
+        let len = shape
+            .iter()
+            .try_fold(itemsize, |acc, &dim| acc.checked_mul(dim))
+            .ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "alloc of shape {shape:?} overflows the address space"
+                ))
+            })?;
+        let deadline = deadline(timeout)?;
+        let (block, address) = wait(py, |interrupt| {
+            channel
+                .allocate_buffer(len, deadline, interrupt)
+                .map(|allocation| (allocation.block, allocation.address as usize))
+        })?;
+        let lease = register_alloc(channel.clone(), block, address, len);
+        if let Some(dl) = torch_dtype {
+            let capsule =
+                dlpack::capsule(py, address as *mut u8, dl, &shape, Keeper::Alloc(lease))?;
+            return torch(py)?.from_dlpack.bind(py).call1((capsule,));
+        }
+        let base = Bound::new(py, Lease::new(Keeper::Alloc(lease)))?;
+        numpy_view(
+            py,
+            &numpy_dtype.expect("numpy dtype"),
+            &shape,
+            address as *mut u8,
+            base.into_any(),
+        )
+    }
+
+    /// Messages queued and not yet taken (approximate while others put and get).
+    fn qsize(&self) -> PyResult<u64> {
+        Ok(self.handle.open()?.queued())
+    }
+
+    fn close(&self) {
+        self.handle.close();
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.handle.closed.load(Ordering::Relaxed)
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.handle.stats(py)
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, PyTuple>) {
+        self.handle.close();
+    }
+
+    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        self.handle.reduce(py)
+    }
+
+    fn __repr__(&self) -> String {
+        self.handle.repr()
+    }
+}
+
+#[pymethods]
+impl Receiver {
+    #[pyo3(signature = (block = true, timeout = None, copy = false))]
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        block: bool,
+        timeout: Option<f64>,
+        copy: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let deadline = deadline(timeout)?;
+        self.receive(py, block, deadline, copy)
+            .map_err(|error| error.into_pyerr(py))
+    }
+
+    fn get_nowait<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.get(py, false, None, false)
+    }
+
+    fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        match self.receive(py, true, Deadline::never(), false) {
+            Err(GetError::Core(Error::Closed(_))) => Err(PyStopIteration::new_err(())),
+            other => other.map_err(|error| error.into_pyerr(py)),
+        }
+    }
+
+    fn qsize(&self) -> PyResult<u64> {
+        Ok(self.handle.open()?.queued())
+    }
+
+    fn close(&self) {
+        self.handle.close();
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.handle.closed.load(Ordering::Relaxed)
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.handle.stats(py)
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, PyTuple>) {
+        self.handle.close();
+    }
+
+    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        self.handle.reduce(py)
+    }
+
+    fn __repr__(&self) -> String {
+        self.handle.repr()
+    }
+}
+
+/// A failed `get`: a core error (kept apart so iteration can tell `Closed`) or a Python one.
+enum GetError {
+    Core(Error),
+    Python(PyErr),
+}
+
+impl GetError {
+    fn into_pyerr(self, _py: Python<'_>) -> PyErr {
+        match self {
+            GetError::Core(error) => error.into(),
+            GetError::Python(error) => error,
+        }
+    }
+}
+
+impl From<PyErr> for GetError {
+    fn from(error: PyErr) -> GetError {
+        GetError::Python(error)
+    }
+}
+
+impl Receiver {
+    fn receive<'py>(
+        &self,
+        py: Python<'py>,
+        block: bool,
+        deadline: Deadline,
+        copy: bool,
+    ) -> Result<Bound<'py, PyAny>, GetError> {
+        let channel = self.handle.open()?;
+        let started = Instant::now();
+        let received = wait_raw(py, |interrupt| channel.receive(block, deadline, interrupt))
+            .map_err(GetError::Core)?;
+        let blocked = started.elapsed();
+        let len = received.len;
+        let value = decode_received(py, channel, received, copy)?;
+        self.handle.counters.record(len, blocked);
+        Ok(value)
+    }
+}
+
+/// Turns a received block into the message: views held by a lease, or copies (and the
+/// block released at once) with `copy`.
+fn decode_received<'py>(
+    py: Python<'py>,
+    channel: &Arc<Channel>,
+    received: Received,
+    copy: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    // SAFETY: `receive` checked the block is in use and `len` bytes long; it is ours until
+    // released, which the lease below does no earlier than when its last view is gone.
+    let frame = unsafe { std::slice::from_raw_parts(received.address, received.len) };
+    let parsed = FrameHeader::read(frame).and_then(|header| {
+        let mut input = Reader::new(header.stream(frame));
+        let buffers = read_buffers(&mut input)?;
+        Ok((header, input, buffers))
+    });
+    let (header, input, buffers) = match parsed {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            channel.release_message(received.block);
+            return Err(error.into());
+        }
+    };
+    let lease = Arc::new(MessageLease::new(channel.clone(), received.block, buffers));
+    let area = &frame[header.payload_offset as usize..];
+    let mode = if copy {
+        Mode::Copy
+    } else {
+        Mode::View(lease.clone())
+    };
+    let value = Decoder::new(py, input, area, mode, Some(channel), true)?.message();
+    drop(lease);
+    value
+}
+
+#[pyfunction]
+#[pyo3(signature = (capacity = 64, *, slab_bytes = None, max_slab_bytes = None, strict = false))]
+pub fn channel(
+    capacity: i64,
+    slab_bytes: Option<u64>,
+    max_slab_bytes: Option<u64>,
+    strict: bool,
+) -> PyResult<(Sender, Receiver)> {
+    let capacity = usize::try_from(capacity)
+        .map_err(|_| PyValueError::new_err(format!("capacity must be positive, got {capacity}")))?;
+    let channel = Channel::create(&ChannelOptions {
+        capacity,
+        slab_bytes,
+        max_slab_bytes,
+        strict,
+    })?;
+    channel.open_handle(Side::Sender);
+    channel.open_handle(Side::Receiver);
+    Ok((
+        Sender {
+            handle: Handle::new(channel.clone(), Side::Sender),
+        },
+        Receiver {
+            handle: Handle::new(channel, Side::Receiver),
+        },
+    ))
+}
+
+/// Unpickles a handle: attaches this process to the channel and redeems the ticket.
+#[pyfunction]
+pub fn _rebuild(py: Python<'_>, state: &[u8]) -> PyResult<Py<PyAny>> {
+    let ticket = Ticket::from_bytes(state)?;
+    let channel = Channel::attach(&ticket)?;
+    channel.redeem(&ticket);
+    let handle = Handle::new(channel, ticket.side);
+    Ok(match ticket.side {
+        Side::Sender => Py::new(py, Sender { handle })?.into_any(),
+        Side::Receiver => Py::new(py, Receiver { handle })?.into_any(),
+    })
+}
+
+#[pyfunction]
+pub fn dumps<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    let encoded = Encoder::new(py, false, None)?
+        .encode(obj)
+        .map_err(|failure| failure.into_pyerr(py))?;
+    let frame = Frame::plan(&encoded)?;
+    PyBytes::new_with(py, frame.len(), |buffer| {
+        // SAFETY: `buffer` is exactly `frame.len()` fresh bytes.
+        unsafe { frame.write(&encoded, buffer.as_mut_ptr()) };
+        Ok(())
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (data, *, allow_pickle = false))]
+pub fn loads<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+    allow_pickle: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    // The limited API of Python 3.9 has no buffer protocol; other bytes-like objects are
+    // turned into bytes first (one copy, outside the hot path).
+    let bytes = match data.cast::<PyBytes>() {
+        Ok(bytes) => bytes.clone(),
+        Err(_) => py
+            .get_type::<PyBytes>()
+            .call1((data,))
+            .map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "loads expects bytes-like data, got {}",
+                    super::encode::type_name(data)
+                ))
+            })?
+            .cast_into::<PyBytes>()
+            .map_err(PyErr::from)?,
+    };
+    let frame = bytes.as_bytes();
+    let header = FrameHeader::read(frame)?;
+    let mut input = Reader::new(header.stream(frame));
+    if !read_buffers(&mut input)?.is_empty() {
+        return Err(Error::Decode(
+            "corrupt data: it references channel memory (not made by dumps)".into(),
+        )
+        .into());
+    }
+    let area = &frame[header.payload_offset as usize..];
+    Decoder::new(py, input, area, Mode::Copy, None, allow_pickle)?.message()
+}
+
+#[pyfunction]
+pub fn _before_fork() {
+    crate::channel::before_fork();
+}
+
+#[pyfunction]
+pub fn _after_fork_in_parent() {
+    crate::channel::after_fork_in_parent();
+}
+
+#[pyfunction]
+pub fn _after_fork_in_child() {
+    crate::channel::after_fork_in_child();
+}

@@ -1,0 +1,147 @@
+//! Python classes and functions the binding needs, looked up once per process.
+//!
+//! NumPy and the standard library are imported at module import; torch only when a message
+//! needs it (sending a tensor means torch is loaded already; receiving one imports it).
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyType};
+
+pub struct Types {
+    pub ordered_dict: Py<PyType>,
+    pub default_dict: Py<PyType>,
+    pub counter: Py<PyType>,
+    pub enum_type: Py<PyType>,
+    pub decimal: Py<PyType>,
+    pub uuid: Py<PyType>,
+    pub timezone: Py<PyType>,
+    pub zoneinfo: Option<Py<PyType>>,
+    pub np_generic: Py<PyType>,
+    pub np_dtype: Py<PyType>,
+    pub np_from_dlpack: Py<PyAny>,
+    pub np_frombuffer: Py<PyAny>,
+    pub pickle_dumps: Py<PyAny>,
+    pub pickle_loads: Py<PyAny>,
+    pub import_module: Py<PyAny>,
+    pub object_new: Py<PyAny>,
+    pub object_setattr: Py<PyAny>,
+    pub dataclass_fields: Py<PyAny>,
+    pub sys_modules: Py<PyDict>,
+}
+
+static TYPES: PyOnceLock<Types> = PyOnceLock::new();
+
+fn class(py: Python<'_>, module: &str, name: &str) -> PyResult<Py<PyType>> {
+    Ok(py
+        .import(module)?
+        .getattr(name)?
+        .cast_into::<PyType>()?
+        .unbind())
+}
+
+fn function(py: Python<'_>, module: &str, name: &str) -> PyResult<Py<PyAny>> {
+    Ok(py.import(module)?.getattr(name)?.unbind())
+}
+
+pub fn types(py: Python<'_>) -> PyResult<&Types> {
+    TYPES.get_or_try_init(py, || {
+        let object = py.import("builtins")?.getattr("object")?;
+        Ok(Types {
+            ordered_dict: class(py, "collections", "OrderedDict")?,
+            default_dict: class(py, "collections", "defaultdict")?,
+            counter: class(py, "collections", "Counter")?,
+            enum_type: class(py, "enum", "Enum")?,
+            decimal: class(py, "decimal", "Decimal")?,
+            uuid: class(py, "uuid", "UUID")?,
+            timezone: class(py, "datetime", "timezone")?,
+            zoneinfo: class(py, "zoneinfo", "ZoneInfo").ok(),
+            np_generic: class(py, "numpy", "generic")?,
+            np_dtype: class(py, "numpy", "dtype")?,
+            np_from_dlpack: function(py, "numpy", "from_dlpack")?,
+            np_frombuffer: function(py, "numpy", "frombuffer")?,
+            pickle_dumps: function(py, "pickle", "dumps")?,
+            pickle_loads: function(py, "pickle", "loads")?,
+            import_module: function(py, "importlib", "import_module")?,
+            object_new: object.getattr("__new__")?.unbind(),
+            object_setattr: object.getattr("__setattr__")?.unbind(),
+            dataclass_fields: function(py, "dataclasses", "fields")?,
+            sys_modules: py
+                .import("sys")?
+                .getattr("modules")?
+                .cast_into::<PyDict>()?
+                .unbind(),
+        })
+    })
+}
+
+pub struct Torch {
+    pub tensor: Py<PyType>,
+    pub parameter: Py<PyType>,
+    pub size: Py<PyType>,
+    pub dtype: Py<PyType>,
+    pub device: Py<PyType>,
+    pub from_dlpack: Py<PyAny>,
+    pub module: Py<PyModule>,
+    dtypes: Mutex<HashMap<String, Py<PyAny>>>,
+}
+
+static TORCH: PyOnceLock<Torch> = PyOnceLock::new();
+
+impl Torch {
+    fn load(py: Python<'_>) -> PyResult<Torch> {
+        let torch = py.import("torch")?;
+        Ok(Torch {
+            tensor: torch.getattr("Tensor")?.cast_into::<PyType>()?.unbind(),
+            parameter: class(py, "torch.nn", "Parameter")?,
+            size: torch.getattr("Size")?.cast_into::<PyType>()?.unbind(),
+            dtype: torch.getattr("dtype")?.cast_into::<PyType>()?.unbind(),
+            device: torch.getattr("device")?.cast_into::<PyType>()?.unbind(),
+            from_dlpack: torch.getattr("_C")?.getattr("_from_dlpack")?.unbind(),
+            module: torch.clone().unbind(),
+            dtypes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// `torch.<name>` for a dtype name read from a message, checked to be a dtype.
+    pub fn dtype_named<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        let mut cache = self
+            .dtypes
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if let Some(dtype) = cache.get(name) {
+            return Ok(dtype.bind(py).clone());
+        }
+        let found = self
+            .module
+            .bind(py)
+            .getattr(name)
+            .ok()
+            .filter(|value| value.is_instance(self.dtype.bind(py)).unwrap_or(false));
+        let dtype = found.ok_or_else(|| {
+            crate::error::Error::Decode(format!(
+                "torch has no dtype {name:?} (a newer torch sent it?)"
+            ))
+        })?;
+        cache.insert(name.to_owned(), dtype.clone().unbind());
+        Ok(dtype)
+    }
+}
+
+/// torch, importing it on first use (receiving a tensor).
+pub fn torch(py: Python<'_>) -> PyResult<&Torch> {
+    TORCH.get_or_try_init(py, || Torch::load(py))
+}
+
+/// torch if this process has imported it; never imports it (sending code without torch
+/// must not pay for importing it).
+pub fn torch_if_loaded(py: Python<'_>) -> PyResult<Option<&Torch>> {
+    if let Some(torch) = TORCH.get(py) {
+        return Ok(Some(torch));
+    }
+    if types(py)?.sys_modules.bind(py).contains("torch")? {
+        return torch(py).map(Some);
+    }
+    Ok(None)
+}
