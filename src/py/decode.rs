@@ -119,11 +119,7 @@ impl<'py, 'a> Decoder<'py, 'a> {
         for _ in 0..count {
             let key = self.value()?;
             let value = self.value()?;
-            // `dict.__setitem__` of the base class: Counter and defaultdict must not run
-            // their own logic while being rebuilt.
-            self.py
-                .get_type::<PyDict>()
-                .call_method1(intern!(self.py, "__setitem__"), (dict, key, value))?;
+            dict.set_item(key, value)?;
         }
         Ok(())
     }
@@ -401,23 +397,30 @@ impl<'py, 'a> Decoder<'py, 'a> {
                 numpy_dtype(py, text)
             }
             Tag::Tuple => {
-                let spec = self.value()?;
-                let spec = spec.cast::<PyTuple>().map_err(PyErr::from)?;
-                let kind: String = spec.get_item(0)?.extract()?;
-                let dtype = match (kind.as_str(), spec.len()) {
+                self.input.tag()?;
+                let parts = self.input.count(1)?;
+                let kind = self.input.str_value()?;
+                let np_dtype = self.types.np_dtype.bind(py);
+                let dtype = match (kind, parts) {
                     ("struct", 5) => {
+                        let names = self.value()?;
+                        self.input.expect(Tag::List)?;
+                        let count = self.input.count(1)?;
+                        let formats = PyList::empty(py);
+                        for _ in 0..count {
+                            formats.append(self.dtype()?)?;
+                        }
                         let fields = PyDict::new(py);
-                        fields.set_item("names", spec.get_item(1)?)?;
-                        fields.set_item("formats", spec.get_item(2)?)?;
-                        fields.set_item("offsets", spec.get_item(3)?)?;
-                        fields.set_item("itemsize", spec.get_item(4)?)?;
-                        self.types.np_dtype.bind(py).call1((fields,))?
+                        fields.set_item("names", names)?;
+                        fields.set_item("formats", formats)?;
+                        fields.set_item("offsets", self.value()?)?;
+                        fields.set_item("itemsize", self.value()?)?;
+                        np_dtype.call1((fields,))?
                     }
-                    ("sub", 3) => self
-                        .types
-                        .np_dtype
-                        .bind(py)
-                        .call1(((spec.get_item(1)?, spec.get_item(2)?),))?,
+                    ("sub", 3) => {
+                        let base = self.dtype()?;
+                        np_dtype.call1(((base, self.value()?),))?
+                    }
                     _ => return Err(corrupt("unknown dtype description")),
                 };
                 Ok(dtype.cast_into::<PyArrayDescr>().map_err(PyErr::from)?)
