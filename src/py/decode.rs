@@ -607,7 +607,8 @@ pub fn find_global<'py>(
     module: &str,
     qualname: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
-    static CACHE: PyOnceLock<Mutex<HashMap<(String, String), Py<PyAny>>>> = PyOnceLock::new();
+    type Globals = Mutex<HashMap<(String, String), Py<PyAny>>>;
+    static CACHE: PyOnceLock<Globals> = PyOnceLock::new();
     let cache = CACHE.get_or_init(py, || Mutex::new(HashMap::new()));
     let key = (module.to_owned(), qualname.to_owned());
     if let Some(found) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {

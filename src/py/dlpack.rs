@@ -112,10 +112,11 @@ pub fn read_capsule(capsule: &Bound<'_, PyAny>) -> PyResult<Exported> {
     let ndim = usize::try_from(tensor.ndim)
         .map_err(|_| Error::Encode("DLPack tensor with negative ndim".into()))?;
     let itemsize = (tensor.dtype.bits as usize).div_ceil(8) * tensor.dtype.lanes as usize;
-    // SAFETY: DLPack guarantees `shape` has `ndim` entries (and `strides` too when non-null).
     let shape: Vec<i64> = if ndim == 0 {
         vec![]
     } else {
+        // SAFETY: DLPack guarantees `shape` has `ndim` entries (and `strides` too when
+        // non-null).
         unsafe { std::slice::from_raw_parts(tensor.shape, ndim) }.to_vec()
     };
     let shape: Vec<usize> = shape.iter().map(|&dim| dim.max(0) as usize).collect();

@@ -336,7 +336,7 @@ impl<'py> Encoder<'py> {
             // ndarray subclasses (matrix, masked arrays) carry more than their data.
             return self.pickle(value, "is a subclass of numpy.ndarray");
         }
-        if value.is(&PyEllipsis::get(py)) {
+        if value.is(PyEllipsis::get(py)) {
             self.out.tag(Tag::Ellipsis);
             return Ok(());
         }
@@ -960,7 +960,7 @@ unsafe fn copy_strided(
     shape: &[usize],
     strides: &[isize],
 ) {
-    if shape.iter().any(|&dim| dim == 0) {
+    if shape.contains(&0) {
         return;
     }
     let ndim = shape.len();

@@ -1,0 +1,136 @@
+"""The compiled core of tensorslab (Rust). Import from ``tensorslab``, not from here."""
+
+from typing import Any, Iterator, final
+
+
+__all__ = [
+    "ABI_VERSION",
+    "Lease",
+    "Receiver",
+    "Sender",
+    "__version__",
+    "_after_fork_in_child",
+    "_after_fork_in_parent",
+    "_before_fork",
+    "_rebuild",
+    "channel",
+    "dumps",
+    "loads",
+]
+__version__: str
+ABI_VERSION: int
+
+@final
+class Sender:
+    """The sending end of a channel. Picklable: send it to child processes."""
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close` on this handle."""
+
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Copy ``obj`` into the slab and queue it.
+
+        Raises ``tensorslab.Full`` when the ring stays full or the slab has no room within
+        ``timeout`` (or at once with ``block=False``), ``tensorslab.Closed`` once every
+        receiver has closed or exited, ``tensorslab.EncodeError`` for a value that cannot be
+        sent (its message names the path inside ``obj``), and ``ValueError`` for a message
+        larger than ``max_slab_bytes``. A failed put leaves nothing allocated.
+        """
+
+    def put_nowait(self, obj: Any) -> None:
+        """``put(obj, block=False)``."""
+
+    def has_space(self, nbytes: int = 0) -> bool:
+        """True when a message with ``nbytes`` of payload could be put now without waiting."""
+
+    def wait_for_all_ack(self, timeout: float | None = None) -> bool:
+        """Wait until every message put by this process has been taken and released.
+
+        Returns False on timeout or when no receiver is left to release them.
+        """
+
+    def alloc(self, shape: int | tuple[int, ...] | list[int], dtype: Any, *, timeout: float | None = None) -> Any:
+        """An uninitialised ``np.ndarray`` (NumPy dtype) or ``torch.Tensor`` (torch dtype) in
+        slab memory. Fill it in place; putting it (alone or inside a container) sends it
+        without copying. Do not modify it after putting it: the receiver sees the same memory.
+        """
+
+    def qsize(self) -> int:
+        """Messages queued and not yet taken (a snapshot)."""
+
+    def close(self) -> None:
+        """Stop counting this handle; further use raises ``ValueError``."""
+
+    def stats(self) -> dict[str, int | float]:
+        """Slab and traffic figures to log (see the README, "Statistics")."""
+
+    def __enter__(self) -> Sender: ...
+    def __exit__(self, *args: object) -> None: ...
+    def __reduce__(self) -> tuple[Any, ...]: ...
+
+@final
+class Receiver:
+    """The receiving end of a channel. Iterating yields messages until every sender closed."""
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close` on this handle."""
+
+    def get(self, block: bool = True, timeout: float | None = None, copy: bool = False) -> Any:
+        """Take the next message.
+
+        Arrays and tensors in it are zero-copy views of shared memory, released when the last
+        of them is gone; ``copy=True`` returns private copies and releases at once. Raises
+        ``tensorslab.Empty`` on timeout (or at once with ``block=False``) and
+        ``tensorslab.Closed`` once every sender has closed or exited and nothing is left.
+        """
+
+    def get_nowait(self) -> Any:
+        """``get(block=False)``."""
+
+    def qsize(self) -> int:
+        """Messages queued and not yet taken (a snapshot)."""
+
+    def close(self) -> None:
+        """Stop counting this handle; further use raises ``ValueError``."""
+
+    def stats(self) -> dict[str, int | float]:
+        """Slab and traffic figures to log (see the README, "Statistics")."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+    def __next__(self) -> Any: ...
+    def __enter__(self) -> Receiver: ...
+    def __exit__(self, *args: object) -> None: ...
+    def __reduce__(self) -> tuple[Any, ...]: ...
+
+@final
+class Lease:
+    """The ``base`` of arrays that view slab memory; keeps it from being released."""
+
+def channel(
+    capacity: int = 64,
+    *,
+    slab_bytes: int | None = None,
+    max_slab_bytes: int | None = None,
+    strict: bool = False,
+) -> tuple[Sender, Receiver]:
+    """Create a channel and return its two ends.
+
+    ``capacity``: messages queued and not yet taken. ``slab_bytes``: initial slab size
+    (default: start at 16 MiB and grow). ``max_slab_bytes``: hard limit on shared memory
+    (default: half the memory available). ``strict``: refuse values that need pickling.
+    """
+
+def dumps(obj: Any) -> bytes:
+    """Encode ``obj`` in the tensorslab format with its arrays inline."""
+
+def loads(data: bytes | bytearray | memoryview, *, allow_pickle: bool = False) -> Any:
+    """Decode bytes made by :func:`dumps`. Malformed data raises ``tensorslab.DecodeError``;
+    pickled parts are refused unless ``allow_pickle=True`` (unpickling can run code)."""
+
+def _rebuild(state: bytes) -> Any: ...
+def _before_fork() -> None: ...
+def _after_fork_in_parent() -> None: ...
+def _after_fork_in_child() -> None: ...
+
