@@ -5,21 +5,43 @@
 //! the caller writes the frame into it, `publish` pushes its reference onto the ring,
 //! `receive` pops it (exactly one consumer), and `release_message` frees the block when the
 //! receiver's last view is gone, counting the acknowledgement for the sender.
+//!
+//! # Crash recovery
+//!
+//! Every block records who is responsible for it (`BlockHeader::owner`): the producer
+//! while it fills it (`SENDER`) and pushes it (`QUEUED`), the consumer that took it
+//! (`RECEIVER`, set under the ring lock before `head` moves), or the process an `alloc`
+//! buffer belongs to (`ALLOC`). A process that exits without closing is noticed by any
+//! peer blocked in a call (every 100 ms): `reap_dead` drops its handles and `reclaim` frees
+//! what it held, except blocks still in the ring, which stay for the other consumers:
+//!
+//! - a message it had taken is released (with the `alloc` buffers it referenced): delivery
+//!   is *at most once* to a consumer that dies, exactly once otherwise;
+//! - a put it had not published is freed; nobody saw it (no partial message is visible);
+//! - its own reference to an `alloc` buffer is dropped; messages holding it keep it.
+//!
+//! A producer waiting for memory is such a blocked peer, so memory held by a dead consumer
+//! returns at the latest when a producer needs it.
 mod registry;
 mod ticket;
 
 pub use registry::{after_fork_in_child, after_fork_in_parent, before_fork};
 pub use ticket::Ticket;
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::header::frame_buffers;
 use crate::layout::{self, Cell, ControlBlock, ABI_VERSION, FLAG_STRICT, MAGIC};
 use crate::procs::Side;
 use crate::ring::{Entry, Ring};
 use crate::shm::{current_pid, format_bytes, Backing, FileIdentity, ProcessId, Segment};
-use crate::slab::block::{owner_word, OWNER_ALLOC, OWNER_RECEIVER, OWNER_SENDER};
+use crate::slab::block::{
+    owner_kind, owner_slot, owner_word, OWNER_ALLOC, OWNER_ORPHAN, OWNER_QUEUED, OWNER_RECEIVER,
+    OWNER_SENDER,
+};
 use crate::slab::{Allocation, Slab, SlabRef};
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use crate::wait::{futex_wait, futex_wake, Deadline, Interrupt};
@@ -431,10 +453,9 @@ impl Channel {
             origin: u32::from(self.slot()),
         };
         if let Ok(header) = self.slab.header(allocation.block) {
-            header.owner.store(
-                owner_word(crate::slab::block::OWNER_QUEUED, self.slot()),
-                Ordering::Relaxed,
-            );
+            header
+                .owner
+                .store(owner_word(OWNER_QUEUED, self.slot()), Ordering::Relaxed);
         }
         // Counted before the push: a fast receiver may release it before we return.
         let slot = &self.control().processes[usize::from(self.slot())];
@@ -551,16 +572,19 @@ impl Channel {
         let control = self.control();
         let entry = {
             let _guard = self.slab.lock(&control.ring_lock);
-            let Some(entry) = self.ring().pop() else {
+            let ring = self.ring();
+            let Some(entry) = ring.peek() else {
                 return Ok(None);
             };
-            // Owner recorded under the ring lock: a recovery that scans the ring and the
-            // blocks sees the message either queued or ours, never lost in between.
+            // Owner recorded under the ring lock and before `head` moves: if this process
+            // dies at any point here, `reclaim` finds the block either still in the ring or
+            // owned by us, never neither.
             if let Ok(header) = self.slab.header(SlabRef(entry.block)) {
                 header
                     .owner
                     .store(owner_word(OWNER_RECEIVER, self.slot()), Ordering::Relaxed);
             }
+            ring.pop();
             entry
         };
         // SeqCst: pairs with the SeqCst waiter registration in `wait_until`.
@@ -668,7 +692,52 @@ impl Channel {
             return;
         }
         *last = Instant::now();
-        self.control().reap_dead(|_| {});
+        self.control().reap_dead(|dead| self.reclaim(dead));
+    }
+
+    /// Takes back the memory a dead process held (see "Crash recovery" in the module docs).
+    /// Runs once per death: `reap_dead` claims the slot before calling it.
+    fn reclaim(&self, dead: u16) {
+        let queued: HashSet<u64> = {
+            let _guard = self.slab.lock(&self.control().ring_lock);
+            self.ring().queued().map(|entry| entry.block).collect()
+        };
+        for (block, owner) in self.slab.used_blocks() {
+            if owner_slot(owner) != dead || queued.contains(&block.0) {
+                continue;
+            }
+            match owner_kind(owner) {
+                // A message it had taken: its views died with it.
+                OWNER_RECEIVER => {
+                    if let Ok((header, address, _)) = self.slab.content(block) {
+                        let len = header.content_len.load(Ordering::Relaxed) as usize;
+                        // SAFETY: `content` checked the block lies inside its segment and
+                        // `content_len` was written by the sender within the block.
+                        let frame = unsafe { std::slice::from_raw_parts(address, len) };
+                        for buffer in frame_buffers(frame).unwrap_or_default() {
+                            let _ = self.slab.release(buffer);
+                        }
+                    }
+                    if let Ok(Some(origin)) = self.slab.release(block) {
+                        self.uncount_outstanding(origin);
+                    }
+                }
+                // A put it never finished: nobody else has seen the block.
+                OWNER_SENDER | OWNER_QUEUED => {
+                    let _ = self.slab.release(block);
+                }
+                // Its own reference to an `alloc` buffer; messages may still hold others.
+                OWNER_ALLOC => {
+                    if let Ok(header) = self.slab.header(block) {
+                        header
+                            .owner
+                            .store(owner_word(OWNER_ORPHAN, 0), Ordering::Relaxed);
+                    }
+                    let _ = self.slab.release(block);
+                }
+                _ => {}
+            }
+        }
     }
 
     // ---- reporting ----

@@ -63,6 +63,20 @@ impl Ring<'_> {
         true
     }
 
+    /// The oldest entry, left in place. Ring lock held by the caller.
+    pub fn peek(&self) -> Option<Entry> {
+        let head = self.state.head.load(Ordering::Relaxed);
+        let tail = self.state.tail.load(Ordering::Acquire);
+        if head == tail {
+            return None;
+        }
+        let cell = &self.cells[(head % self.capacity()) as usize];
+        Some(Entry {
+            block: cell.block.load(Ordering::Relaxed),
+            origin: cell.origin.load(Ordering::Relaxed),
+        })
+    }
+
     /// Takes the oldest entry. Ring lock held by the caller.
     pub fn pop(&self) -> Option<Entry> {
         let head = self.state.head.load(Ordering::Relaxed);

@@ -173,3 +173,80 @@ fn a_message_that_can_never_fit_fails_at_once() {
     assert_eq!(take(&channel).unwrap(), b"still usable");
     assert_eq!(channel.shared_stats().used_blocks, 0);
 }
+
+/// A process slot for a process that has exited (as if it was SIGKILLed).
+fn dead_slot(channel: &Channel, side: Side) -> u16 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    let dead = crate::shm::ProcessId { pid, start_time: 1 };
+    let slot = channel.control().claim_slot(dead, -1).unwrap();
+    channel.control().add_handles(slot, side, 1);
+    slot
+}
+
+fn set_owner(channel: &Channel, block: SlabRef, kind: u64, slot: u16) {
+    channel
+        .slab()
+        .header(block)
+        .unwrap()
+        .owner
+        .store(owner_word(kind, slot), Ordering::Relaxed);
+}
+
+#[test]
+fn a_dead_processs_blocks_return_and_queued_messages_survive() {
+    let channel = channel(8, 16 << 20);
+    send(&channel, b"taken by the consumer that dies").unwrap();
+    send(&channel, b"still queued").unwrap();
+    let consumer = dead_slot(&channel, Side::Receiver);
+    let producer = dead_slot(&channel, Side::Sender);
+    // The consumer had taken the first message and still held views of it.
+    let taken = channel
+        .receive(false, Deadline::never(), &mut no_interrupt())
+        .unwrap();
+    set_owner(&channel, taken.block, OWNER_RECEIVER, consumer);
+    // The producer died while copying a message it had not published.
+    let half = channel
+        .begin_put(4096, true, Deadline::never(), &mut no_interrupt())
+        .unwrap();
+    set_owner(&channel, half.block, OWNER_SENDER, producer);
+    assert_eq!(channel.shared_stats().used_blocks, 3);
+    assert_eq!(
+        (
+            channel.open_count(Side::Sender),
+            channel.open_count(Side::Receiver)
+        ),
+        (2, 2)
+    );
+
+    assert_eq!(channel.control().reap_dead(|slot| channel.reclaim(slot)), 2);
+
+    assert_eq!(
+        channel.shared_stats().used_blocks,
+        1,
+        "only the queued message is left"
+    );
+    assert_eq!(
+        (
+            channel.open_count(Side::Sender),
+            channel.open_count(Side::Receiver)
+        ),
+        (1, 1)
+    );
+    assert_eq!(take(&channel).unwrap(), b"still queued");
+    assert_eq!(channel.shared_stats().used_bytes, 0);
+}
+
+#[test]
+fn reclaim_skips_a_block_still_in_the_ring() {
+    // A consumer killed between marking the head cell as its own and moving `head`.
+    let channel = channel(8, 16 << 20);
+    send(&channel, b"not yet taken").unwrap();
+    let consumer = dead_slot(&channel, Side::Receiver);
+    let head = channel.ring().peek().unwrap();
+    set_owner(&channel, SlabRef(head.block), OWNER_RECEIVER, consumer);
+    channel.control().reap_dead(|slot| channel.reclaim(slot));
+    assert_eq!(take(&channel).unwrap(), b"not yet taken");
+    assert_eq!(channel.shared_stats().used_blocks, 0);
+}

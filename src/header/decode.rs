@@ -2,6 +2,7 @@
 //! malformed input; nothing here can panic or allocate more than the input justifies.
 use super::{Location, Tag, MAX_DEPTH};
 use crate::error::{Error, Result};
+use crate::slab::SlabRef;
 
 /// A cursor over a value stream.
 #[derive(Clone, Debug)]
@@ -192,4 +193,21 @@ pub fn payload_range(location: Location, area_len: u64) -> Result<std::ops::Rang
             location.offset, location.nbytes
         ))),
     }
+}
+
+/// Reads the `alloc` block list that opens a value stream.
+pub fn read_buffers(input: &mut Reader<'_>) -> Result<Vec<SlabRef>> {
+    let count = input.count(1)?;
+    let mut blocks = Vec::with_capacity(count);
+    for _ in 0..count {
+        let link = input.uvarint()?;
+        blocks.push(SlabRef::from_link(link).ok_or_else(|| input.error("alloc block 0"))?);
+    }
+    Ok(blocks)
+}
+
+/// The `alloc` blocks a complete frame holds (what releasing it must release too).
+pub fn frame_buffers(frame: &[u8]) -> Result<Vec<SlabRef>> {
+    let header = super::FrameHeader::read(frame)?;
+    read_buffers(&mut Reader::new(header.stream(frame)))
 }

@@ -53,17 +53,6 @@ fn corrupt(what: impl Into<String>) -> PyErr {
     Error::Decode(format!("corrupt message: {}", what.into())).into()
 }
 
-/// Reads the `alloc` block list that opens a value stream.
-pub fn read_buffers(input: &mut Reader<'_>) -> Result<Vec<SlabRef>, Error> {
-    let count = input.count(1)?;
-    let mut blocks = Vec::with_capacity(count);
-    for _ in 0..count {
-        let link = input.uvarint()?;
-        blocks.push(SlabRef::from_link(link).ok_or_else(|| input.error("alloc block 0"))?);
-    }
-    Ok(blocks)
-}
-
 impl<'py, 'a> Decoder<'py, 'a> {
     pub fn new(
         py: Python<'py>,

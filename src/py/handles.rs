@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 use super::blocking::{deadline, wait, wait_raw};
-use super::decode::{numpy_view, read_buffers, Decoder, Mode};
+use super::decode::{numpy_view, Decoder, Mode};
 use super::dlpack;
 use super::encode::Encoder;
 use super::frame::Frame;
@@ -19,7 +19,7 @@ use super::lease::{register_alloc, Keeper, Lease, MessageLease};
 use super::types::{torch, torch_if_loaded};
 use crate::channel::{Channel, ChannelOptions, Received, Ticket};
 use crate::error::Error;
-use crate::header::{FrameHeader, Reader};
+use crate::header::{read_buffers, FrameHeader, Reader};
 use crate::procs::Side;
 use crate::wait::Deadline;
 

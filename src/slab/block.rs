@@ -22,6 +22,16 @@ pub const OWNER_SENDER: u64 = 1;
 pub const OWNER_QUEUED: u64 = 2;
 pub const OWNER_RECEIVER: u64 = 3;
 pub const OWNER_ALLOC: u64 = 4;
+/// An `alloc` buffer whose creator died: only messages still hold it.
+pub const OWNER_ORPHAN: u64 = 5;
+
+pub fn owner_kind(word: u64) -> u64 {
+    word >> 32
+}
+
+pub fn owner_slot(word: u64) -> u16 {
+    word as u16
+}
 
 pub fn owner_word(kind: u64, slot: u16) -> u64 {
     kind << 32 | u64::from(slot)

@@ -599,6 +599,34 @@ impl Slab {
         Ok(Some(SlabRef::new(index, 0)))
     }
 
+    /// Every block in use with its owner word, walked under the heap lock.
+    pub fn used_blocks(&self) -> Vec<(SlabRef, u64)> {
+        let _guard = self.lock(&self.control().heap_lock);
+        let count = self.heap().segment_count.load(Ordering::Acquire) as usize;
+        let mut used = vec![];
+        for index in 0..count {
+            let Ok(segment) = self.segment(index) else {
+                continue;
+            };
+            let mut offset = 0;
+            while offset + HEADER_LEN <= segment.len() {
+                let block = SlabRef::new(index, offset);
+                let Ok(header) = self.header(block) else {
+                    break;
+                };
+                let (size, state) = unpack(header.size_state.load(Ordering::Acquire));
+                if size < HEADER_LEN || offset + size > segment.len() {
+                    break;
+                }
+                if state == STATE_USED {
+                    used.push((block, header.owner.load(Ordering::Relaxed)));
+                }
+                offset += size;
+            }
+        }
+        used
+    }
+
     /// Rebuilds every free list from the blocks' own headers. Run after breaking the heap
     /// lock of a process that died holding it: the size words are always consistent (one
     /// store per transition), the links and `prev_size` may not be.
