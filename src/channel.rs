@@ -316,41 +316,10 @@ impl Channel {
         self.control().add_handles(self.slot(), side, 1);
     }
 
-    /// The process this attachment belongs to (changes in a fork child when it registers).
-    pub fn pid(&self) -> u32 {
-        self.pid.load(Ordering::Relaxed)
-    }
-
-    /// A handle inherited through fork is used here for the first time: it now holds the
-    /// channel open for this process's own waits too.
-    pub fn activate_handle(&self, side: Side) {
-        let dormant = self.control().processes[usize::from(self.slot())].dormant(side);
-        let _ = dormant.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-            Some(n.saturating_sub(1))
-        });
-        self.control().handles_changed();
-    }
-
-    /// Handles on `side` that this process can wait for: all open ones except its own
-    /// dormant inherited ones.
-    fn open_for_me(&self, side: Side) -> u32 {
-        let dormant = self.control().processes[usize::from(self.slot())]
-            .dormant(side)
-            .load(Ordering::Relaxed);
-        self.open_count(side).saturating_sub(dormant)
-    }
-
-    /// Uncounts a handle of this process on `side` (`dormant`: one it inherited and never
-    /// used).
-    pub fn close_handle(&self, side: Side, dormant: bool) {
+    /// Uncounts a handle of this process on `side`.
+    pub fn close_handle(&self, side: Side) {
         if !self.owned_here() {
             return;
-        }
-        if dormant {
-            let count = self.control().processes[usize::from(self.slot())].dormant(side);
-            let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some(n.saturating_sub(1))
-            });
         }
         let _ =
             self.local[side_index(side)].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -407,7 +376,7 @@ impl Channel {
     // ---- sending ----
 
     fn ensure_receivers(&self) -> Result<()> {
-        if self.open_for_me(Side::Receiver) == 0 {
+        if self.open_count(Side::Receiver) == 0 {
             return Err(Error::Closed(
                 "every receiver of this channel has closed or exited".into(),
             ));
@@ -564,7 +533,7 @@ impl Channel {
         if let Some(received) = self.try_pop()? {
             return Ok(received);
         }
-        if self.open_for_me(Side::Sender) == 0 {
+        if self.open_count(Side::Sender) == 0 {
             return self.try_pop()?.ok_or_else(closed_by_senders);
         }
         if !block {
@@ -590,7 +559,7 @@ impl Channel {
                 if let Some(received) = self.try_pop()? {
                     return Ok(Some(received));
                 }
-                if self.open_for_me(Side::Sender) == 0 {
+                if self.open_count(Side::Sender) == 0 {
                     return self.try_pop()?.map(Some).ok_or_else(closed_by_senders);
                 }
                 Ok(None)
@@ -673,7 +642,7 @@ impl Channel {
                 if done() {
                     return Ok(Some(true));
                 }
-                if self.open_for_me(Side::Receiver) == 0 && !self.ring().is_empty() {
+                if self.open_count(Side::Receiver) == 0 && !self.ring().is_empty() {
                     return Ok(Some(false));
                 }
                 Ok(None)

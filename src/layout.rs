@@ -103,12 +103,7 @@ pub struct ProcessSlot {
     /// Descriptor of each data segment in this process, -1 if not attached. Others open
     /// `/proc/<pid>/fd/<n>` to attach.
     pub segment_fds: [AtomicI32; MAX_SEGMENTS],
-    /// Of `senders`/`receivers`: handles this process inherited through fork and has not
-    /// used. They keep the channel open for other processes, not for this one's own waits
-    /// (a forked consumer must not wait for the parent's sender it cannot even reach).
-    pub dormant_senders: AtomicU32,
-    pub dormant_receivers: AtomicU32,
-    pub _reserved: [AtomicU64; 3],
+    pub _reserved: [AtomicU64; 4],
 }
 
 /// Who holds the channel open.

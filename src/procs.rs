@@ -52,14 +52,6 @@ impl ProcessSlot {
             Side::Receiver => &self.receivers,
         }
     }
-
-    /// Inherited, unused handles of this process on `side` (see `ProcessSlot` docs).
-    pub fn dormant(&self, side: Side) -> &crate::sync::AtomicU32 {
-        match side {
-            Side::Sender => &self.dormant_senders,
-            Side::Receiver => &self.dormant_receivers,
-        }
-    }
 }
 
 impl HandleState {
@@ -97,8 +89,6 @@ impl ControlBlock {
             slot.start_time.store(me.start_time, Ordering::Relaxed);
             slot.senders.store(0, Ordering::Relaxed);
             slot.receivers.store(0, Ordering::Relaxed);
-            slot.dormant_senders.store(0, Ordering::Relaxed);
-            slot.dormant_receivers.store(0, Ordering::Relaxed);
             slot.outstanding.store(0, Ordering::Relaxed);
             slot.ack_waiters.store(0, Ordering::Relaxed);
             slot.control_fd.store(control_fd, Ordering::Relaxed);

@@ -115,10 +115,6 @@ pub fn after_fork_in_child() {
                 channel.pid.store(current_pid(), Ordering::Relaxed);
                 for side in [Side::Sender, Side::Receiver] {
                     let count = channel.local[side_index(side)].load(Ordering::Relaxed);
-                    // Dormant until used here: they hold the channel open for others.
-                    control.processes[usize::from(slot)]
-                        .dormant(side)
-                        .store(count, Ordering::Relaxed);
                     control.add_handles(slot, side, count);
                 }
             }

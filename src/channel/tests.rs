@@ -79,7 +79,7 @@ fn threads_move_messages_in_order_and_memory_returns() {
 fn closing_the_last_sender_ends_the_receiver_after_draining() {
     let channel = channel(4, 16 << 20);
     send(&channel, b"last words").unwrap();
-    channel.close_handle(Side::Sender, false);
+    channel.close_handle(Side::Sender);
     assert_eq!(take(&channel).unwrap(), b"last words");
     assert!(matches!(take(&channel), Err(Error::Closed(_))));
 }
@@ -87,7 +87,7 @@ fn closing_the_last_sender_ends_the_receiver_after_draining() {
 #[test]
 fn put_without_receivers_is_closed() {
     let channel = channel(4, 16 << 20);
-    channel.close_handle(Side::Receiver, false);
+    channel.close_handle(Side::Receiver);
     assert!(matches!(send(&channel, b"x"), Err(Error::Closed(_))));
 }
 

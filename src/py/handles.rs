@@ -1,7 +1,7 @@
 //! `Sender`, `Receiver` and `channel()`: thin wrappers that convert arguments, call the core
 //! channel, and keep per-handle statistics. Pickling a handle produces a ticket (see
 //! `channel::Ticket`) that counts as an open handle until another process redeems it.
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -45,25 +45,17 @@ struct Handle {
     channel: Arc<Channel>,
     side: Side,
     closed: AtomicBool,
-    /// The process that uses this handle. A fork child that inherited it differs until it
-    /// uses it: until then the handle is dormant there (see `ProcessSlot`).
-    active_in: AtomicU32,
     counters: Counters,
 }
 
 impl Handle {
     fn new(channel: Arc<Channel>, side: Side) -> Handle {
         Handle {
-            active_in: AtomicU32::new(channel.pid()),
             channel,
             side,
             closed: AtomicBool::new(false),
             counters: Counters::default(),
         }
-    }
-
-    fn is_dormant(&self) -> bool {
-        self.active_in.load(Ordering::Relaxed) != self.channel.pid()
     }
 
     fn name(&self) -> &'static str {
@@ -82,23 +74,12 @@ impl Handle {
                 self.channel.id()
             )));
         }
-        let here = self.channel.pid();
-        let active_in = self.active_in.load(Ordering::Relaxed);
-        if active_in != here
-            && self.channel.owned_here()
-            && self
-                .active_in
-                .compare_exchange(active_in, here, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.channel.activate_handle(self.side);
-        }
         Ok(&self.channel)
     }
 
     fn close(&self) {
         if !self.closed.swap(true, Ordering::AcqRel) {
-            self.channel.close_handle(self.side, self.is_dormant());
+            self.channel.close_handle(self.side);
         }
     }
 
