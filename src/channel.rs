@@ -45,6 +45,7 @@ use crate::slab::block::{
 use crate::slab::{Allocation, Slab, SlabRef};
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use crate::wait::{futex_wait, futex_wake, Deadline, Interrupt};
+use std::sync::atomic::AtomicBool;
 
 /// Smallest slab segment created when the user gives no `slab_bytes`.
 const DEFAULT_FIRST_SEGMENT: u64 = 16 << 20;
@@ -85,6 +86,9 @@ pub struct Channel {
     pid: AtomicU32,
     /// Pending entry created for a fork in progress (see `registry`).
     fork_pending: AtomicU64,
+    /// In a fork child: whether every inherited handle counts here (a bare `os.fork`), or
+    /// only those handed to the new process and those it uses (see `registry`).
+    counts_inherited: AtomicBool,
     last_reap: Mutex<Instant>,
 }
 
@@ -259,6 +263,7 @@ impl Channel {
             local: [AtomicU32::new(0), AtomicU32::new(0)],
             pid: AtomicU32::new(current_pid()),
             fork_pending: AtomicU64::new(0),
+            counts_inherited: AtomicBool::new(false),
             last_reap: Mutex::new(Instant::now()),
         });
         registry::insert(&channel);
@@ -314,6 +319,17 @@ impl Channel {
     pub fn open_handle(&self, side: Side) {
         self.local[side_index(side)].fetch_add(1, Ordering::Relaxed);
         self.control().add_handles(self.slot(), side, 1);
+    }
+
+    /// The process this attachment belongs to (a fork child's own pid once registered).
+    pub fn pid(&self) -> u32 {
+        self.pid.load(Ordering::Relaxed)
+    }
+
+    /// True when handles inherited through fork count as open in this process without
+    /// being used (see `registry::after_fork_in_child`).
+    pub fn counts_inherited(&self) -> bool {
+        self.counts_inherited.load(Ordering::Relaxed)
     }
 
     /// Uncounts a handle of this process on `side`.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from . import _tensorslab
+from ._fork import handed_to_child
 from ._tensorslab import Receiver, Sender, channel, dumps, loads
 from .exceptions import (
     Closed,
@@ -30,12 +31,18 @@ from .queue import Queue
 
 __version__ = _tensorslab.__version__
 
-# A fork child inherits open handles: the hooks count them in the child's own process slot
-# and keep the channel open between the fork and that registration (see channel/registry.rs).
+
+def _after_fork_in_child() -> None:
+    _tensorslab._after_fork_in_child(handed_to_child())
+
+
+# A fork child inherits open handles: the hooks register it in a process slot of its own,
+# count the handles it was handed, and keep the channel open between the fork and that
+# registration (see _fork.py and src/channel/registry.rs).
 os.register_at_fork(
     before=_tensorslab._before_fork,
     after_in_parent=_tensorslab._after_fork_in_parent,
-    after_in_child=_tensorslab._after_fork_in_child,
+    after_in_child=_after_fork_in_child,
 )
 
 __all__ = [

@@ -1,10 +1,18 @@
 //! The channels this process is attached to, and what happens to them across `fork`.
 //!
-//! A fork child inherits handles and mappings but is a new process: it must count its
-//! inherited handles in a slot of its own. Between the fork and the child's registration
-//! the parent may close its copies (the usual pattern right after `Process.start()`), so
-//! the parent first records the handles the child will inherit as *pending* (keeping the
-//! channel open), and the child redeems that entry once registered.
+//! A fork child inherits handles and mappings but is a new process: it registers in a slot
+//! of its own. Which inherited handles count as open there depends on how it was forked:
+//!
+//! - by `multiprocessing` (the binding finds the `Process` being started): only the handles
+//!   handed to that process (its arguments and attributes) count at once; any other
+//!   inherited handle counts from its first use. Otherwise sibling children would each keep
+//!   the others waiting through copies of the parent's handles they never touch.
+//! - by a bare `os.fork()`: every inherited handle counts, as inherited pipe ends do.
+//!
+//! Between the fork and the child's registration the parent may close its copies (the
+//! usual pattern right after `Process.start()`), so the parent first records the handles
+//! the child inherits as *pending* (keeping the channel open), and the child redeems that
+//! entry once it has counted its own.
 //!
 //! The registry lock is held across the fork (taken in `before_fork`, released in the
 //! after-fork hooks), so the child never inherits it locked by another thread.
@@ -99,7 +107,9 @@ pub fn after_fork_in_parent() {
 }
 
 /// Run in the child after `fork()`: registers this process in every inherited channel.
-pub fn after_fork_in_child() {
+/// `count_inherited`: count every inherited handle now (a bare fork); otherwise none, and
+/// the binding counts the handles handed to the new process.
+pub fn after_fork_in_child(count_inherited: bool) {
     let taken = HELD.with(|held| held.borrow_mut().take());
     let Some((guard, channels)) = taken else {
         return;
@@ -113,9 +123,16 @@ pub fn after_fork_in_child() {
                 channel.slab.set_slot(slot);
                 channel.slab.publish_mapped_segments();
                 channel.pid.store(current_pid(), Ordering::Relaxed);
+                channel
+                    .counts_inherited
+                    .store(count_inherited, Ordering::Relaxed);
                 for side in [Side::Sender, Side::Receiver] {
-                    let count = channel.local[side_index(side)].load(Ordering::Relaxed);
-                    control.add_handles(slot, side, count);
+                    let local = &channel.local[side_index(side)];
+                    if count_inherited {
+                        control.add_handles(slot, side, local.load(Ordering::Relaxed));
+                    } else {
+                        local.store(0, Ordering::Relaxed);
+                    }
                 }
             }
             // No slot: the inherited handles stay unusable here (owned_here() is false).

@@ -1,7 +1,7 @@
 //! `Sender`, `Receiver` and `channel()`: thin wrappers that convert arguments, call the core
 //! channel, and keep per-handle statistics. Pickling a handle produces a ticket (see
 //! `channel::Ticket`) that counts as an open handle until another process redeems it.
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -45,16 +45,42 @@ struct Handle {
     channel: Arc<Channel>,
     side: Side,
     closed: AtomicBool,
+    /// The process in which this handle is counted as open. A fork child that inherited it
+    /// counts it once it was handed to the child or used there (see `channel::registry`).
+    counted_in: AtomicU32,
     counters: Counters,
 }
 
 impl Handle {
     fn new(channel: Arc<Channel>, side: Side) -> Handle {
         Handle {
+            counted_in: AtomicU32::new(channel.pid()),
             channel,
             side,
             closed: AtomicBool::new(false),
             counters: Counters::default(),
+        }
+    }
+
+    fn counted_here(&self) -> bool {
+        self.counted_in.load(Ordering::Relaxed) == self.channel.pid()
+            || self.channel.counts_inherited()
+    }
+
+    /// Counts an inherited handle in this process (it was handed to it, or is being used).
+    fn adopt(&self) {
+        let here = self.channel.pid();
+        let counted_in = self.counted_in.load(Ordering::Relaxed);
+        if counted_in != here
+            && !self.closed.load(Ordering::Relaxed)
+            && self.channel.owned_here()
+            && self
+                .counted_in
+                .compare_exchange(counted_in, here, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            && !self.channel.counts_inherited()
+        {
+            self.channel.open_handle(self.side);
         }
     }
 
@@ -74,11 +100,13 @@ impl Handle {
                 self.channel.id()
             )));
         }
+        self.adopt();
         Ok(&self.channel)
     }
 
     fn close(&self) {
-        if !self.closed.swap(true, Ordering::AcqRel) {
+        let counted = self.counted_here();
+        if !self.closed.swap(true, Ordering::AcqRel) && counted {
             self.channel.close_handle(self.side);
         }
     }
@@ -579,7 +607,17 @@ pub fn _after_fork_in_parent() {
     crate::channel::after_fork_in_parent();
 }
 
+/// Registers a fork child. `handed`: the handles given to the `multiprocessing.Process`
+/// being started (counted at once), or `None` after a bare `os.fork()` (all count).
 #[pyfunction]
-pub fn _after_fork_in_child() {
-    crate::channel::after_fork_in_child();
+#[pyo3(signature = (handed = None))]
+pub fn _after_fork_in_child(handed: Option<Vec<Bound<'_, PyAny>>>) {
+    crate::channel::after_fork_in_child(handed.is_none());
+    for handle in handed.iter().flatten() {
+        if let Ok(sender) = handle.cast::<Sender>() {
+            sender.get().handle.adopt();
+        } else if let Ok(receiver) = handle.cast::<Receiver>() {
+            receiver.get().handle.adopt();
+        }
+    }
 }
