@@ -2,7 +2,6 @@
 
 from typing import Any, Iterator, final
 
-
 __all__ = [
     "ABI_VERSION",
     "Lease",
@@ -50,7 +49,13 @@ class Sender:
         Returns False on timeout or when no receiver is left to release them.
         """
 
-    def alloc(self, shape: int | tuple[int, ...] | list[int], dtype: Any, *, timeout: float | None = None) -> Any:
+    def alloc(
+        self,
+        shape: int | tuple[int, ...] | list[int],
+        dtype: Any,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
         """An uninitialised ``np.ndarray`` (NumPy dtype) or ``torch.Tensor`` (torch dtype) in
         slab memory. Fill it in place; putting it (alone or inside a container) sends it
         without copying. Do not modify it after putting it: the receiver sees the same memory.
