@@ -20,6 +20,7 @@ use pyo3::types::{
 };
 
 use super::dlpack;
+use super::exceptions::as_decode_error;
 use super::lease::{Keeper, Lease, MessageLease};
 use super::types::{torch, types, Types};
 use crate::channel::Channel;
@@ -77,7 +78,8 @@ impl<'py, 'a> Decoder<'py, 'a> {
 
     /// Decodes the message (the stream's one value) and checks nothing trails it.
     pub fn message(mut self) -> PyResult<Bound<'py, PyAny>> {
-        let value = self.value()?;
+        let py = self.py;
+        let value = self.value().map_err(|error| as_decode_error(py, error))?;
         if !self.input.is_at_end() {
             return Err(corrupt(format!(
                 "{} bytes after the value",

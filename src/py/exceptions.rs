@@ -41,3 +41,22 @@ impl From<Error> for PyErr {
         })
     }
 }
+
+/// Any ordinary exception raised while rebuilding a message (a constructor refusing a
+/// corrupt value, an unhashable set item, a failing `__setstate__`) as a `DecodeError`
+/// whose cause is the original; `DecodeError`s and non-`Exception`s (Ctrl-C) pass as they are.
+pub fn as_decode_error(py: Python<'_>, error: PyErr) -> PyErr {
+    let is_decode = class(py, "DecodeError")
+        .map(|cls| error.is_instance(py, &cls))
+        .unwrap_or(true);
+    if is_decode || !error.is_instance_of::<pyo3::exceptions::PyException>(py) {
+        return error;
+    }
+    let wrapped = raise(
+        py,
+        "DecodeError",
+        format!("cannot rebuild the message: {}", error.value(py)),
+    );
+    wrapped.set_cause(py, Some(error));
+    wrapped
+}
