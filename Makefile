@@ -1,0 +1,106 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Each installs what it
+# needs: a Rust toolchain (rustup, if cargo is missing), a `.venv` with maturin, numpy,
+# torch and the test tools, and the release build of the extension inside it.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := test
+
+VENV := .venv
+PY := $(VENV)/bin/python
+# The interpreter that creates the venv; override with `make PYTHON=python3.12`.
+PYTHON ?= python3
+PIP_PACKAGES := maturin numpy pytest pytest-timeout hypothesis ruff mypy matplotlib torch
+
+# cargo lives in ~/.cargo/bin on our machines, which is not always on PATH (CI, sudo, IDEs).
+# The venv's bin comes first so `maturin`, `ruff` and `python` are the venv's own.
+export PATH := $(CURDIR)/$(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
+# maturin installs into the environment VIRTUAL_ENV names; pyo3 builds against this python.
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+export PYO3_PYTHON := $(CURDIR)/$(PY)
+
+# Examples and benchmarks that exist; each is run in CI with `--smoke` when it takes it.
+EXAMPLES := $(wildcard examples/*.py)
+SMOKE_BENCHES := $(wildcard benches/compare.py)
+RUFF_PATHS := $(wildcard python tests benches examples)
+
+.PHONY: venv rust build test lint cargo-test pytest examples demo bench soak clean distclean
+
+# --- set-up ---------------------------------------------------------------------------
+
+venv: $(VENV)/.stamp
+
+# Re-run only when the Makefile (and so the package list) changes.
+$(VENV)/.stamp: Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_PACKAGES)
+	touch $@
+
+# A stable toolchain with rustfmt and clippy; installed with rustup only when missing.
+rust:
+	@if ! command -v cargo >/dev/null; then \
+		echo "cargo not found: installing the stable Rust toolchain with rustup"; \
+		curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs \
+			| sh -s -- -y --profile minimal --component rustfmt,clippy; \
+	fi
+	@cargo --version
+	@cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+	@cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+
+build: venv rust
+	$(VENV)/bin/maturin develop --release
+
+# --- checks ---------------------------------------------------------------------------
+
+test: build lint cargo-test pytest examples
+
+lint: venv rust
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	# The binding is behind the `python` feature; lint it too.
+	cargo clippy --features python -- -D warnings
+	ruff check $(RUFF_PATHS)
+
+cargo-test: rust
+	cargo test
+
+pytest: build
+	$(PY) -m pytest -q
+
+# Every example runs; one that takes `--smoke` runs in its short mode.
+examples: build
+	@for script in $(EXAMPLES) $(SMOKE_BENCHES); do \
+		if grep -q -- '--smoke' "$$script"; then \
+			echo "+ python $$script --smoke"; $(PY) "$$script" --smoke; \
+		else \
+			echo "+ python $$script"; $(PY) "$$script"; \
+		fi; \
+	done
+
+# --- running --------------------------------------------------------------------------
+
+demo: build
+	$(PY) examples/demo.py
+
+bench: build
+	$(PY) benches/compare.py
+
+# Long run with random kills (issue 4); not part of `make test`.
+soak: build
+	@if [ -f tests/soak.py ]; then \
+		$(PY) tests/soak.py; \
+	else \
+		echo "tests/soak.py does not exist yet (issue 4)" >&2; exit 1; \
+	fi
+
+# --- cleaning -------------------------------------------------------------------------
+
+# Build outputs and caches; keeps the venv (torch is a large download).
+clean:
+	-cargo clean
+	rm -f python/tensorslab/*.so
+	rm -rf .pytest_cache .hypothesis .ruff_cache .mypy_cache benches/results
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,110 @@
+"""`tensorslab.Queue` is a drop-in for `multiprocessing.Queue`: each test runs the same code
+against both, so a difference in behaviour shows up as one of the pair failing."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+
+import numpy as np
+import pytest
+import torch
+
+import children
+import tensorslab
+from helpers import Child
+
+
+def multiprocessing_queue(maxsize=0):
+    return mp.get_context("spawn").Queue(maxsize)
+
+
+QUEUES = {"multiprocessing": multiprocessing_queue, "tensorslab": tensorslab.Queue}
+
+
+def finish(*queues) -> None:
+    for q in queues:
+        q.close()
+        q.join_thread()
+
+
+@pytest.mark.parametrize("kind", list(QUEUES))
+def test_producer_consumer_with_spawn_child(kind):
+    inbox, outbox = QUEUES[kind](), QUEUES[kind]()
+    items = [3, 2.5, np.arange(5.0), torch.ones(2, 3), "ab"]
+    with Child("spawn", children.queue_worker, inbox, outbox) as child:
+        for index, item in enumerate(items):
+            inbox.put((index, item))
+        inbox.put(None)
+        results = [outbox.get(timeout=60) for _ in range(len(items) + 1)]
+        inbox.put("done")
+        assert child.join() == len(items)
+    assert results[-1] is None
+    assert [index for index, _ in results[:-1]] == list(range(len(items)))
+    assert results[0][1] == 6 and results[1][1] == 5.0 and results[4][1] == "abab"
+    assert np.array_equal(results[2][1], np.arange(5.0) * 2)
+    assert torch.equal(results[3][1], torch.ones(2, 3) * 2)
+    finish(inbox, outbox)
+
+
+@pytest.mark.parametrize("kind", list(QUEUES))
+def test_bounded_queue(kind):
+    q = QUEUES[kind](maxsize=2)
+    assert q.empty() and not q.full() and q.qsize() == 0
+    q.put("a")
+    q.put_nowait({"b": np.arange(3)})
+    assert q.full() and q.qsize() == 2
+    with pytest.raises(queue.Full):
+        q.put_nowait("c")
+    with pytest.raises(queue.Full):
+        q.put("c", timeout=0.05)
+    with pytest.raises(queue.Full):
+        q.put("c", block=False)
+    assert q.get(timeout=10) == "a"
+    assert np.array_equal(q.get(timeout=10)["b"], np.arange(3))
+    assert q.qsize() == 0 and q.empty() and not q.full()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.05)
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    with pytest.raises(queue.Empty):
+        q.get(block=False)
+    finish(q)
+
+
+@pytest.mark.parametrize("kind", list(QUEUES))
+def test_unbounded_queue_fifo(kind):
+    q = QUEUES[kind]()
+    for i in range(1000):
+        q.put_nowait({"i": i})
+    assert [q.get(timeout=10)["i"] for _ in range(1000)] == list(range(1000))
+    finish(q)
+
+
+@pytest.mark.parametrize("kind", list(QUEUES))
+def test_put_after_close_raises_value_error(kind):
+    q = QUEUES[kind]()
+    q.put(1)
+    assert q.get(timeout=10) == 1
+    q.close()
+    with pytest.raises(ValueError):
+        q.put(2)
+    q.join_thread()
+
+
+@pytest.mark.parametrize("kind", list(QUEUES))
+def test_cancel_join_thread(kind):
+    q = QUEUES[kind]()
+    q.put("left behind")
+    q.cancel_join_thread()
+    q.close()
+    q.join_thread()  # returns at once after cancel_join_thread
+
+
+def test_tensorslab_queue_keeps_tensor_type():
+    q = tensorslab.Queue()
+    q.put({"t": torch.arange(4.0)})
+    got = q.get(timeout=10)["t"]
+    assert type(got) is torch.Tensor and torch.equal(got, torch.arange(4.0))
+    del got
+    finish(q)
