@@ -63,32 +63,26 @@ impl Ring<'_> {
         true
     }
 
+    /// The entry in cell `index` (a ring position, not yet reduced modulo capacity).
+    fn entry_at(&self, index: u64) -> Entry {
+        let cell = &self.cells[(index % self.capacity()) as usize];
+        Entry {
+            block: cell.block.load(Ordering::Relaxed),
+            origin: cell.origin.load(Ordering::Relaxed),
+        }
+    }
+
     /// The oldest entry, left in place. Ring lock held by the caller.
     pub fn peek(&self) -> Option<Entry> {
         let head = self.state.head.load(Ordering::Relaxed);
         let tail = self.state.tail.load(Ordering::Acquire);
-        if head == tail {
-            return None;
-        }
-        let cell = &self.cells[(head % self.capacity()) as usize];
-        Some(Entry {
-            block: cell.block.load(Ordering::Relaxed),
-            origin: cell.origin.load(Ordering::Relaxed),
-        })
+        (head != tail).then(|| self.entry_at(head))
     }
 
     /// Takes the oldest entry. Ring lock held by the caller.
     pub fn pop(&self) -> Option<Entry> {
+        let entry = self.peek()?;
         let head = self.state.head.load(Ordering::Relaxed);
-        let tail = self.state.tail.load(Ordering::Acquire);
-        if head == tail {
-            return None;
-        }
-        let cell = &self.cells[(head % self.capacity()) as usize];
-        let entry = Entry {
-            block: cell.block.load(Ordering::Relaxed),
-            origin: cell.origin.load(Ordering::Relaxed),
-        };
         // Release: the cell is read before producers may reuse it.
         self.state.head.store(head + 1, Ordering::Release);
         Some(entry)
@@ -98,13 +92,7 @@ impl Ring<'_> {
     pub fn queued(&self) -> impl Iterator<Item = Entry> + '_ {
         let head = self.state.head.load(Ordering::Relaxed);
         let tail = self.state.tail.load(Ordering::Relaxed);
-        (head..tail).map(move |index| {
-            let cell = &self.cells[(index % self.capacity()) as usize];
-            Entry {
-                block: cell.block.load(Ordering::Relaxed),
-                origin: cell.origin.load(Ordering::Relaxed),
-            }
-        })
+        (head..tail).map(move |index| self.entry_at(index))
     }
 }
 
