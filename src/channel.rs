@@ -24,6 +24,7 @@
 //! returns at the latest when a producer needs it.
 mod registry;
 mod ticket;
+mod watcher;
 
 pub use registry::{after_fork_in_child, after_fork_in_parent, before_fork};
 pub use ticket::Ticket;
@@ -53,6 +54,9 @@ const DEFAULT_FIRST_SEGMENT: u64 = 16 << 20;
 const DEFAULT_MAX_SHARE: f64 = 0.5;
 /// How often a blocked call checks for peers that died.
 const REAP_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest wait for a peer to map a segment this process just created (see
+/// `Channel::wait_until_held_elsewhere`).
+const HELD_ELSEWHERE_WAIT: Duration = Duration::from_secs(2);
 /// How long a consumer spins before sleeping on an empty ring (latency vs. CPU).
 const SPIN: Duration = Duration::from_micros(20);
 
@@ -90,6 +94,8 @@ pub struct Channel {
     /// only those handed to the new process and those it uses (see `registry`).
     counts_inherited: AtomicBool,
     last_reap: Mutex<Instant>,
+    /// Per segment: seen mapped by another live process (see `wait_until_held_elsewhere`).
+    held_elsewhere: Vec<AtomicBool>,
 }
 
 /// A message taken from the ring.
@@ -265,8 +271,12 @@ impl Channel {
             fork_pending: AtomicU64::new(0),
             counts_inherited: AtomicBool::new(false),
             last_reap: Mutex::new(Instant::now()),
+            held_elsewhere: (0..layout::MAX_SEGMENTS)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
         });
         registry::insert(&channel);
+        watcher::start(&channel);
         Ok(channel)
     }
 
@@ -435,24 +445,50 @@ impl Channel {
         interrupt: Interrupt,
     ) -> Result<Allocation> {
         let owner = owner_word(kind, self.slot());
-        if let Some(allocation) = self.slab.allocate(len, owner)? {
-            return Ok(allocation);
+        let allocation = match self.slab.allocate(len, owner)? {
+            Some(allocation) => allocation,
+            None if !block => return Err(self.slab_full_error(len)),
+            None => {
+                let heap = &self.control().heap;
+                let result = self.wait_until(
+                    &heap.freed,
+                    &heap.space_waiters,
+                    deadline,
+                    interrupt,
+                    || {
+                        self.ensure_receivers()?;
+                        self.slab.allocate(len, owner)
+                    },
+                )?;
+                result.ok_or_else(|| self.slab_full_error(len))?
+            }
+        };
+        if let Err(error) = self.wait_until_held_elsewhere(allocation.block.segment(), interrupt) {
+            let _ = self.slab.release(allocation.block);
+            return Err(error);
         }
-        if !block {
-            return Err(self.slab_full_error(len));
+        Ok(allocation)
+    }
+
+    /// Waits (briefly, once per new segment) until another live process maps segment
+    /// `index`, so what we publish in it survives if we die. Peers' watchers map a new
+    /// segment within microseconds to milliseconds; one that never does (stopped with
+    /// SIGSTOP) delays us by at most `HELD_ELSEWHERE_WAIT`, after which we go on.
+    fn wait_until_held_elsewhere(&self, index: usize, interrupt: Interrupt) -> Result<()> {
+        let held = &self.held_elsewhere[index];
+        if held.load(Ordering::Relaxed) {
+            return Ok(());
         }
-        let heap = &self.control().heap;
-        let result = self.wait_until(
-            &heap.freed,
-            &heap.space_waiters,
-            deadline,
-            interrupt,
-            || {
-                self.ensure_receivers()?;
-                self.slab.allocate(len, owner)
-            },
-        )?;
-        result.ok_or_else(|| self.slab_full_error(len))
+        let started = Instant::now();
+        while !self.slab.held_elsewhere(index) && self.slab.has_peers() {
+            if started.elapsed() > HELD_ELSEWHERE_WAIT {
+                return Ok(());
+            }
+            interrupt()?;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        held.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Publishes a filled block; waits for room in the ring while `deadline` allows. On

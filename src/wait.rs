@@ -37,6 +37,33 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
     }
 }
 
+/// [`futex_wait`] on a raw address that may no longer be mapped (the kernel then answers
+/// EFAULT; nothing is dereferenced here). For waiters that must not hold the memory alive.
+#[cfg(not(loom))]
+pub fn futex_wait_address(address: usize, expected: u32, timeout: Duration) {
+    let timeout = timeout.min(Duration::from_secs(1));
+    let spec = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: the kernel validates `address` itself (EFAULT if unmapped) and only reads the
+    // 4-byte word; the timespec outlives the call. The result means "re-check" either way.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            address as *const u32,
+            libc::FUTEX_WAIT,
+            expected,
+            &spec as *const libc::timespec,
+        );
+    }
+}
+
+#[cfg(loom)]
+pub fn futex_wait_address(_address: usize, _expected: u32, _timeout: Duration) {
+    loom::thread::yield_now();
+}
+
 /// Wakes up to `count` processes sleeping on `word`.
 #[cfg(not(loom))]
 pub fn futex_wake(word: &AtomicU32, count: i32) {

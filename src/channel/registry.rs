@@ -126,6 +126,7 @@ pub fn after_fork_in_child(count_inherited: bool) {
                 channel
                     .counts_inherited
                     .store(count_inherited, Ordering::Relaxed);
+                super::watcher::start(channel);
                 for side in [Side::Sender, Side::Receiver] {
                     let local = &channel.local[side_index(side)];
                     if count_inherited {

@@ -85,6 +85,41 @@ impl Slab {
         &self.control
     }
 
+    /// Maps every segment of the slab this process has not mapped yet.
+    pub fn attach_all(&self) -> Result<()> {
+        // Acquire: pairs with the Release store in `grow`.
+        let count = self.heap().segment_count.load(Ordering::Acquire) as usize;
+        for index in 0..count {
+            self.segment(index)?;
+        }
+        Ok(())
+    }
+
+    /// True when a live process other than this one holds segment `index`, so it survives
+    /// this process (a memfd lives as long as someone holds it).
+    pub fn held_elsewhere(&self, index: usize) -> bool {
+        let me = usize::from(self.slot());
+        self.control()
+            .processes
+            .iter()
+            .enumerate()
+            .any(|(slot, record)| {
+                slot != me
+                    && record
+                        .segment_fds
+                        .get(index)
+                        .is_some_and(|fd| fd.load(Ordering::Acquire) >= 0)
+                    && self.process_alive(slot as u16)
+            })
+    }
+
+    /// True when another live process uses the channel at all.
+    pub fn has_peers(&self) -> bool {
+        let me = usize::from(self.slot());
+        (0..self.control().processes.len())
+            .any(|slot| slot != me && self.process_alive(slot as u16))
+    }
+
     /// Publishes this process's descriptors of every segment it maps (after a fork the
     /// child has the same descriptors under a new slot).
     pub fn publish_mapped_segments(&self) {
@@ -596,6 +631,9 @@ impl Slab {
         // Release: pairs with the Acquire load in `segment()`; the record is complete.
         heap.segment_count
             .store(index as u32 + 1, Ordering::Release);
+        // Every process's watcher sleeps on this word: wake them to attach the segment
+        // (see `channel::watcher`).
+        futex_wake(&heap.segment_count, i32::MAX);
         Ok(Some(SlabRef::new(index, 0)))
     }
 

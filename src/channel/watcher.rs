@@ -1,0 +1,58 @@
+//! One thread per process and channel that keeps this process's view of the channel fresh
+//! while its owner is busy elsewhere (computing, sleeping, or not calling tensorslab):
+//!
+//! - it maps every new slab segment as soon as one appears, so a segment survives the
+//!   process that created it: a memfd lives only while some process holds it, and a
+//!   producer killed right after growing the slab would otherwise take the messages in the
+//!   new segment with it;
+//! - it notices peers that died and reclaims what they held, so memory comes back even
+//!   when nobody is blocked in a call.
+//!
+//! It sleeps on the slab's segment count (woken by `Slab::grow`) for at most 100 ms at a
+//! time and holds only a weak reference, so it never keeps a channel alive; it ends within
+//! one interval of the channel's last handle and view in this process. A fork child starts
+//! its own (threads do not survive fork).
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use super::Channel;
+
+const INTERVAL: Duration = Duration::from_millis(100);
+
+pub fn start(channel: &Arc<Channel>) {
+    let weak = Arc::downgrade(channel);
+    // A failed spawn (thread limit) only loses the eagerness; every call still attaches
+    // and reaps on demand.
+    let _ = std::thread::Builder::new()
+        .name("tensorslab-watch".into())
+        .stack_size(64 << 10)
+        .spawn(move || watch(weak));
+}
+
+fn watch(weak: Weak<Channel>) {
+    let pid = match weak.upgrade() {
+        Some(channel) => channel.pid(),
+        None => return,
+    };
+    loop {
+        let (word, seen) = {
+            let Some(channel) = weak.upgrade() else {
+                return;
+            };
+            if channel.pid() != pid {
+                return; // a fork child copied this attachment: its own watcher runs there
+            }
+            let _ = channel.slab().attach_all();
+            channel.reap_if_due();
+            let count = &channel.control().heap.segment_count;
+            (
+                count.as_ptr() as usize,
+                count.load(crate::sync::Ordering::Acquire),
+            )
+        };
+        // The channel (and its mapping) may be dropped while we sleep, so the futex gets
+        // the address only, never a reference: FUTEX_WAIT on an address that is no longer
+        // mapped fails with EFAULT, and we loop and find the channel gone.
+        crate::wait::futex_wait_address(word, seen, INTERVAL);
+    }
+}
