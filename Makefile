@@ -54,10 +54,10 @@ build: venv rust
 
 test: build lint cargo-test pytest examples
 
+# The binding is behind the `python` feature, so clippy runs once more with it on.
 lint: venv rust
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
-	# The binding is behind the `python` feature; lint it too.
 	cargo clippy --features python -- -D warnings
 	ruff check $(RUFF_PATHS)
 

@@ -18,6 +18,8 @@ from typing import Any, Callable
 import pytest
 
 import children
+import samples
+import tensorslab
 
 START_METHODS = ("spawn", "fork", "forkserver")
 
@@ -129,13 +131,10 @@ def run_in_child(ctx_name: str, target: Callable[..., Any], *args: Any, timeout:
 def echo_through_child(ctx_name: str, kind: str, values: dict, **channel_options) -> None:
     """Send each sample of `kind` to a child that compares it with its own copy and sends it
     back; fail with every difference seen in the child or back in the parent."""
-    import samples
-    import tensorslab
-
     out_tx, out_rx = tensorslab.channel(**channel_options)
     back_tx, back_rx = tensorslab.channel(**channel_options)
     problems = []
-    child = Child(ctx_name, children.echo_samples, kind, out_rx, back_tx, timeout=180)
+    child = Child(ctx_name, children.echo_samples, kind, out_rx, back_tx, timeout=100)
     with child:
         for name, value in values.items():
             out_tx.put((name, value), timeout=60)
@@ -157,8 +156,6 @@ def echo_through_child(ctx_name: str, kind: str, values: dict, **channel_options
 
 def get_until_closed(rx, *, timeout: float = 30, limit: int = 1_000_000) -> list:
     """Receive from ``rx`` until it raises `tensorslab.Closed`; every get is bounded."""
-    import tensorslab
-
     received = []
     for _ in range(limit):
         try:
@@ -166,12 +163,3 @@ def get_until_closed(rx, *, timeout: float = 30, limit: int = 1_000_000) -> list
         except tensorslab.Closed:
             return received
     pytest.fail(f"more than {limit} messages and still not closed")
-
-
-def wait_until(predicate: Callable[[], bool], *, timeout: float = 10, what: str = "") -> None:
-    """Poll ``predicate`` until it holds; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")
-        time.sleep(0.01)

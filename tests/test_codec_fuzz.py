@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import children
 import tensorslab
@@ -85,6 +86,57 @@ VALUES = st.recursive(SCALARS, containers, max_leaves=25)
 @given(VALUES)
 def test_random_values_round_trip(value):
     assert_same(tensorslab.loads(tensorslab.dumps(value)), value)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(VALUES)
+def test_random_values_through_a_channel(value):
+    tx, rx = tensorslab.channel(strict=True)
+    with tx, rx:
+        tx.put({"value": value}, timeout=10)
+        assert_same(rx.get(timeout=10)["value"], value)
+
+
+NUMERIC_DTYPES = (
+    hnp.integer_dtypes(endianness="=")
+    | hnp.unsigned_integer_dtypes(endianness="=")
+    | hnp.floating_dtypes(endianness="=", sizes=(16, 32, 64))
+    | hnp.complex_number_dtypes(endianness="=")
+    | hnp.boolean_dtypes()
+    | hnp.datetime64_dtypes(endianness="=")
+)
+
+
+@st.composite
+def arrays_with_layouts(draw):
+    """A random array, then maybe a transposed, reversed or strided view of it."""
+    array = draw(hnp.arrays(NUMERIC_DTYPES, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0)))
+    layout = draw(st.sampled_from(["as is", "transposed", "reversed", "every other"]))
+    if layout == "transposed":
+        array = array.T
+    elif layout == "reversed" and array.ndim:
+        array = array[::-1]
+    elif layout == "every other" and array.ndim:
+        array = array[..., ::2]
+    return array
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arrays_with_layouts())
+def test_random_arrays_through_a_channel(array):
+    tx, rx = tensorslab.channel(strict=True)
+    with tx, rx:
+        tx.put([array, {"again": array}], timeout=10)
+        got = rx.get(timeout=10)
+        assert_same(got[0], array)
+        assert got[1]["again"] is got[0]
+        del got
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arrays_with_layouts())
+def test_random_arrays_dumps_loads(array):
+    assert_same(tensorslab.loads(tensorslab.dumps(array)), array)
 
 
 def valid_messages() -> list[bytes]:

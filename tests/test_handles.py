@@ -28,6 +28,22 @@ def test_closing_parent_sender_after_start_keeps_channel_open(ctx_name):
     rx.close()
 
 
+@pytest.mark.parametrize("exit_without_close", [False, True])
+def test_closing_parent_sender_after_fork_start_repeatedly(exit_without_close):
+    """The same pattern, repeated: a race between the parent's close and the fork child's
+    registration shows up as an early Closed with messages still to come."""
+    target = children.produce_then_exit if exit_without_close else children.produce
+    for attempt in range(25):
+        tx, rx = tensorslab.channel()
+        args = (tx, 5) if exit_without_close else (tx, 0, 5)
+        with Child("fork", target, *args):
+            tx.close()
+            received = get_until_closed(rx)
+        assert [m["seq"] for m in received] == list(range(5)), f"attempt {attempt}"
+        del received
+        rx.close()
+
+
 @pytest.mark.parametrize("ctx_name", ["fork", "spawn"])
 def test_many_producers_many_consumers(ctx_name):
     """3 producers, 2 consumers: each message delivered exactly once, per-producer order

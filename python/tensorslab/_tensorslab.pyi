@@ -1,9 +1,15 @@
 """The compiled core of tensorslab (Rust). Import from ``tensorslab``, not from here."""
 
-from typing import Any, Iterator, final
+from typing import Any, Iterator, TypeVar, final
+
+from typing_extensions import disjoint_base
+
+_H = TypeVar("_H", bound="Handle")
+
 
 __all__ = [
     "ABI_VERSION",
+    "Handle",
     "Lease",
     "Receiver",
     "Sender",
@@ -19,13 +25,30 @@ __all__ = [
 __version__: str
 ABI_VERSION: int
 
-@final
-class Sender:
-    """The sending end of a channel. Picklable: send it to child processes."""
+@disjoint_base
+class Handle:
+    """What both ends of a channel share. Not created directly."""
 
     @property
     def closed(self) -> bool:
         """True after :meth:`close` on this handle."""
+
+    def qsize(self) -> int:
+        """Messages queued and not yet taken (a snapshot)."""
+
+    def close(self) -> None:
+        """Stop counting this handle; further use raises ``ValueError``."""
+
+    def stats(self) -> dict[str, int | float]:
+        """Slab and traffic figures to log (see the README, "Statistics")."""
+
+    def __enter__(self: _H) -> _H: ...
+    def __exit__(self, *args: object) -> None: ...
+    def __reduce__(self) -> tuple[Any, ...]: ...
+
+@final
+class Sender(Handle):
+    """The sending end of a channel. Picklable: send it to child processes."""
 
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Copy ``obj`` into the slab and queue it.
@@ -61,26 +84,10 @@ class Sender:
         without copying. Do not modify it after putting it: the receiver sees the same memory.
         """
 
-    def qsize(self) -> int:
-        """Messages queued and not yet taken (a snapshot)."""
-
-    def close(self) -> None:
-        """Stop counting this handle; further use raises ``ValueError``."""
-
-    def stats(self) -> dict[str, int | float]:
-        """Slab and traffic figures to log (see the README, "Statistics")."""
-
-    def __enter__(self) -> Sender: ...
-    def __exit__(self, *args: object) -> None: ...
-    def __reduce__(self) -> tuple[Any, ...]: ...
 
 @final
-class Receiver:
+class Receiver(Handle):
     """The receiving end of a channel. Iterating yields messages until every sender closed."""
-
-    @property
-    def closed(self) -> bool:
-        """True after :meth:`close` on this handle."""
 
     def get(self, block: bool = True, timeout: float | None = None, copy: bool = False) -> Any:
         """Take the next message.
@@ -94,20 +101,8 @@ class Receiver:
     def get_nowait(self) -> Any:
         """``get(block=False)``."""
 
-    def qsize(self) -> int:
-        """Messages queued and not yet taken (a snapshot)."""
-
-    def close(self) -> None:
-        """Stop counting this handle; further use raises ``ValueError``."""
-
-    def stats(self) -> dict[str, int | float]:
-        """Slab and traffic figures to log (see the README, "Statistics")."""
-
     def __iter__(self) -> Iterator[Any]: ...
     def __next__(self) -> Any: ...
-    def __enter__(self) -> Receiver: ...
-    def __exit__(self, *args: object) -> None: ...
-    def __reduce__(self) -> tuple[Any, ...]: ...
 
 @final
 class Lease:

@@ -108,8 +108,10 @@ pub fn after_fork_in_parent() {
 
 /// Run in the child after `fork()`: registers this process in every inherited channel.
 /// `count_inherited`: count every inherited handle now (a bare fork); otherwise none, and
-/// the binding counts the handles handed to the new process.
-pub fn after_fork_in_child(count_inherited: bool) {
+/// `adopt` counts the handles handed to the new process. Pending entries are redeemed only
+/// after that: the parent may already have closed its copies, and redeeming first would
+/// let the count reach zero and end the channel under the child's feet.
+pub fn after_fork_in_child(count_inherited: bool, adopt: impl FnOnce()) {
     let taken = HELD.with(|held| held.borrow_mut().take());
     let Some((guard, channels)) = taken else {
         return;
@@ -139,9 +141,12 @@ pub fn after_fork_in_child(count_inherited: bool) {
             // No slot: the inherited handles stay unusable here (owned_here() is false).
             Err(_) => channel.pid.store(0, Ordering::Relaxed),
         }
+    }
+    adopt();
+    for channel in &channels {
         let pending = channel.fork_pending.swap(0, Ordering::Relaxed);
         if pending != 0 {
-            control.redeem_pending(pending);
+            channel.control().redeem_pending(pending);
         }
     }
     drop(guard);

@@ -661,6 +661,12 @@ fn numpy_new<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let mut dims: Vec<npyffi::npy_intp> =
         shape.iter().map(|&dim| dim as npyffi::npy_intp).collect();
+    // With `data` null NumPy allocates, and reads any nonzero flags as "Fortran order".
+    let flags = if data.is_null() {
+        0
+    } else {
+        npyffi::NPY_ARRAY_WRITEABLE | npyffi::NPY_ARRAY_C_CONTIGUOUS
+    };
     // SAFETY: PyArray_NewFromDescr steals a reference to the descriptor (hence the incref);
     // `dims` lives across the call; with `data` non-null the caller guarantees it covers
     // the array and outlives it (through the base object set right after).
@@ -674,7 +680,7 @@ fn numpy_new<'py>(
             dims.as_mut_ptr(),
             std::ptr::null_mut(),
             data.cast(),
-            npyffi::NPY_ARRAY_WRITEABLE | npyffi::NPY_ARRAY_C_CONTIGUOUS,
+            flags,
             std::ptr::null_mut(),
         )
     };

@@ -9,6 +9,7 @@ use numpy::{PyArrayDescr, PyArrayDescrMethods};
 use pyo3::exceptions::{PyStopIteration, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
+use pyo3::PyClassInitializer;
 
 use super::blocking::{deadline, wait, wait_raw};
 use super::decode::{numpy_view, Decoder, Mode};
@@ -40,8 +41,10 @@ impl Counters {
     }
 }
 
-/// What both handles share: the channel, their side, whether closed, counters.
-struct Handle {
+/// What both ends share: the channel, their side, whether closed, counters. The base class
+/// of `Sender` and `Receiver`; never created on its own.
+#[pyclass(frozen, subclass, module = "tensorslab._tensorslab")]
+pub struct Handle {
     channel: Arc<Channel>,
     side: Side,
     closed: AtomicBool,
@@ -165,6 +168,46 @@ impl Handle {
     }
 }
 
+#[pymethods]
+impl Handle {
+    /// Messages queued and not yet taken (approximate while others put and get).
+    fn qsize(&self) -> PyResult<u64> {
+        Ok(self.open()?.queued())
+    }
+
+    #[pyo3(name = "close")]
+    fn py_close(&self) {
+        self.close();
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    #[pyo3(name = "stats")]
+    fn py_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.stats(py)
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, PyTuple>) {
+        self.close();
+    }
+
+    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        self.reduce(py)
+    }
+
+    fn __repr__(&self) -> String {
+        self.repr()
+    }
+}
+
 impl Drop for Handle {
     fn drop(&mut self) {
         self.close();
@@ -172,28 +215,24 @@ impl Drop for Handle {
 }
 
 /// The sending end of a channel.
-#[pyclass(frozen, module = "tensorslab._tensorslab")]
-pub struct Sender {
-    handle: Handle,
-}
+#[pyclass(frozen, extends = Handle, module = "tensorslab._tensorslab")]
+pub struct Sender;
 
 /// The receiving end of a channel.
-#[pyclass(frozen, module = "tensorslab._tensorslab")]
-pub struct Receiver {
-    handle: Handle,
-}
+#[pyclass(frozen, extends = Handle, module = "tensorslab._tensorslab")]
+pub struct Receiver;
 
 #[pymethods]
 impl Sender {
     #[pyo3(signature = (obj, block = true, timeout = None))]
     fn put(
-        &self,
+        slf: &Bound<'_, Self>,
         py: Python<'_>,
         obj: &Bound<'_, PyAny>,
         block: bool,
         timeout: Option<f64>,
     ) -> PyResult<()> {
-        let channel = self.handle.open()?;
+        let channel = slf.as_super().get().open()?;
         let deadline = deadline(timeout)?;
         let encoded = Encoder::new(py, channel.strict(), Some(channel.id()))?
             .encode(obj)
@@ -228,26 +267,31 @@ impl Sender {
             blocked += publishing.elapsed();
             Ok(blocked)
         })?;
-        self.handle
+        slf.as_super()
+            .get()
             .counters
             .record(frame.len() + encoded.alloc_bytes, blocked);
         Ok(())
     }
 
-    fn put_nowait(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.put(py, obj, false, None)
+    fn put_nowait(slf: &Bound<'_, Self>, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        Self::put(slf, py, obj, false, None)
     }
 
     /// True when a message with `nbytes` of payload could be put right now without waiting.
     #[pyo3(signature = (nbytes = 0))]
-    fn has_space(&self, nbytes: usize) -> PyResult<bool> {
-        let channel = self.handle.open()?;
+    fn has_space(slf: &Bound<'_, Self>, nbytes: usize) -> PyResult<bool> {
+        let channel = slf.as_super().get().open()?;
         Ok(channel.has_space(nbytes.saturating_add(1024)))
     }
 
     #[pyo3(signature = (timeout = None))]
-    fn wait_for_all_ack(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        let channel = self.handle.open()?;
+    fn wait_for_all_ack(
+        slf: &Bound<'_, Self>,
+        py: Python<'_>,
+        timeout: Option<f64>,
+    ) -> PyResult<bool> {
+        let channel = slf.as_super().get().open()?;
         let deadline = deadline(timeout)?;
         wait(py, |interrupt| {
             channel.wait_for_all_ack(deadline, interrupt)
@@ -257,13 +301,13 @@ impl Sender {
     /// An uninitialised array (NumPy dtype) or tensor (torch dtype) in slab memory.
     #[pyo3(signature = (shape, dtype, *, timeout = None))]
     fn alloc<'py>(
-        &self,
+        slf: &Bound<'_, Self>,
         py: Python<'py>,
         shape: &Bound<'py, PyAny>,
         dtype: &Bound<'py, PyAny>,
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let channel = self.handle.open()?;
+        let channel = slf.as_super().get().open()?;
         let shape: Vec<usize> = match shape.extract::<usize>() {
             Ok(length) => vec![length],
             Err(_) => shape.extract().map_err(|_| {
@@ -329,106 +373,41 @@ impl Sender {
             base.into_any(),
         )
     }
-
-    /// Messages queued and not yet taken (approximate while others put and get).
-    fn qsize(&self) -> PyResult<u64> {
-        Ok(self.handle.open()?.queued())
-    }
-
-    fn close(&self) {
-        self.handle.close();
-    }
-
-    #[getter]
-    fn closed(&self) -> bool {
-        self.handle.closed.load(Ordering::Relaxed)
-    }
-
-    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        self.handle.stats(py)
-    }
-
-    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
-        slf
-    }
-
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&self, _args: &Bound<'_, PyTuple>) {
-        self.handle.close();
-    }
-
-    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        self.handle.reduce(py)
-    }
-
-    fn __repr__(&self) -> String {
-        self.handle.repr()
-    }
 }
 
 #[pymethods]
 impl Receiver {
     #[pyo3(signature = (block = true, timeout = None, copy = false))]
     fn get<'py>(
-        &self,
+        slf: &Bound<'_, Self>,
         py: Python<'py>,
         block: bool,
         timeout: Option<f64>,
         copy: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let deadline = deadline(timeout)?;
-        self.receive(py, block, deadline, copy)
+        receive(slf.as_super().get(), py, block, deadline, copy)
             .map_err(|error| error.into_pyerr(py))
     }
 
-    fn get_nowait<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.get(py, false, None, false)
+    fn get_nowait<'py>(slf: &Bound<'_, Self>, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Self::get(slf, py, false, None, false)
     }
 
     fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
         slf
     }
 
-    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        match self.receive(py, true, Deadline::never(), false) {
+    fn __next__<'py>(slf: &Bound<'_, Self>, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        match receive(slf.as_super().get(), py, true, Deadline::never(), false) {
             Err(GetError::Core(Error::Closed(_))) => Err(PyStopIteration::new_err(())),
             other => other.map_err(|error| error.into_pyerr(py)),
         }
     }
+}
 
-    fn qsize(&self) -> PyResult<u64> {
-        Ok(self.handle.open()?.queued())
-    }
-
-    fn close(&self) {
-        self.handle.close();
-    }
-
-    #[getter]
-    fn closed(&self) -> bool {
-        self.handle.closed.load(Ordering::Relaxed)
-    }
-
-    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        self.handle.stats(py)
-    }
-
-    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
-        slf
-    }
-
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&self, _args: &Bound<'_, PyTuple>) {
-        self.handle.close();
-    }
-
-    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        self.handle.reduce(py)
-    }
-
-    fn __repr__(&self) -> String {
-        self.handle.repr()
-    }
+fn new_handle(channel: Arc<Channel>, side: Side) -> PyClassInitializer<Handle> {
+    PyClassInitializer::from(Handle::new(channel, side))
 }
 
 /// A failed `get`: a core error (kept apart so iteration can tell `Closed`) or a Python one.
@@ -452,24 +431,22 @@ impl From<PyErr> for GetError {
     }
 }
 
-impl Receiver {
-    fn receive<'py>(
-        &self,
-        py: Python<'py>,
-        block: bool,
-        deadline: Deadline,
-        copy: bool,
-    ) -> Result<Bound<'py, PyAny>, GetError> {
-        let channel = self.handle.open()?;
-        let started = Instant::now();
-        let received = wait_raw(py, |interrupt| channel.receive(block, deadline, interrupt))
-            .map_err(GetError::Core)?;
-        let blocked = started.elapsed();
-        let len = received.len;
-        let value = decode_received(py, channel, received, copy)?;
-        self.handle.counters.record(len, blocked);
-        Ok(value)
-    }
+fn receive<'py>(
+    handle: &Handle,
+    py: Python<'py>,
+    block: bool,
+    deadline: Deadline,
+    copy: bool,
+) -> Result<Bound<'py, PyAny>, GetError> {
+    let channel = handle.open()?;
+    let started = Instant::now();
+    let received = wait_raw(py, |interrupt| channel.receive(block, deadline, interrupt))
+        .map_err(GetError::Core)?;
+    let blocked = started.elapsed();
+    let len = received.len;
+    let value = decode_received(py, channel, received, copy)?;
+    handle.counters.record(len, blocked);
+    Ok(value)
 }
 
 /// Turns a received block into the message: views held by a lease, or copies (and the
@@ -514,7 +491,7 @@ pub fn channel(
     slab_bytes: Option<u64>,
     max_slab_bytes: Option<u64>,
     strict: bool,
-) -> PyResult<(Sender, Receiver)> {
+) -> PyResult<(Py<Sender>, Py<Receiver>)> {
     let capacity = usize::try_from(capacity)
         .map_err(|_| PyValueError::new_err(format!("capacity must be positive, got {capacity}")))?;
     let channel = Channel::create(&ChannelOptions {
@@ -525,14 +502,18 @@ pub fn channel(
     })?;
     channel.open_handle(Side::Sender);
     channel.open_handle(Side::Receiver);
-    Ok((
-        Sender {
-            handle: Handle::new(channel.clone(), Side::Sender),
-        },
-        Receiver {
-            handle: Handle::new(channel, Side::Receiver),
-        },
-    ))
+    Python::attach(|py| {
+        Ok((
+            Py::new(
+                py,
+                new_handle(channel.clone(), Side::Sender).add_subclass(Sender),
+            )?,
+            Py::new(
+                py,
+                new_handle(channel, Side::Receiver).add_subclass(Receiver),
+            )?,
+        ))
+    })
 }
 
 /// Unpickles a handle: attaches this process to the channel and redeems the ticket.
@@ -541,10 +522,10 @@ pub fn _rebuild(py: Python<'_>, state: &[u8]) -> PyResult<Py<PyAny>> {
     let ticket = Ticket::from_bytes(state)?;
     let channel = Channel::attach(&ticket)?;
     channel.redeem(&ticket);
-    let handle = Handle::new(channel, ticket.side);
+    let handle = new_handle(channel, ticket.side);
     Ok(match ticket.side {
-        Side::Sender => Py::new(py, Sender { handle })?.into_any(),
-        Side::Receiver => Py::new(py, Receiver { handle })?.into_any(),
+        Side::Sender => Py::new(py, handle.add_subclass(Sender))?.into_any(),
+        Side::Receiver => Py::new(py, handle.add_subclass(Receiver))?.into_any(),
     })
 }
 
@@ -612,12 +593,11 @@ pub fn _after_fork_in_parent() {
 #[pyfunction]
 #[pyo3(signature = (handed = None))]
 pub fn _after_fork_in_child(handed: Option<Vec<Bound<'_, PyAny>>>) {
-    crate::channel::after_fork_in_child(handed.is_none());
-    for handle in handed.iter().flatten() {
-        if let Ok(sender) = handle.cast::<Sender>() {
-            sender.get().handle.adopt();
-        } else if let Ok(receiver) = handle.cast::<Receiver>() {
-            receiver.get().handle.adopt();
+    crate::channel::after_fork_in_child(handed.is_none(), || {
+        for handle in handed.iter().flatten() {
+            if let Ok(handle) = handle.cast::<Handle>() {
+                handle.get().adopt();
+            }
         }
-    }
+    });
 }

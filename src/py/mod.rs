@@ -16,6 +16,7 @@ mod types;
 fn _tensorslab(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("ABI_VERSION", crate::layout::ABI_VERSION)?;
+    m.add_class::<handles::Handle>()?;
     m.add_class::<handles::Sender>()?;
     m.add_class::<handles::Receiver>()?;
     m.add_class::<lease::Lease>()?;
