@@ -49,7 +49,7 @@ use crate::wait::{futex_wait, futex_wake, Deadline, Interrupt};
 use std::sync::atomic::AtomicBool;
 
 /// Smallest slab segment created when the user gives no `slab_bytes`.
-const DEFAULT_FIRST_SEGMENT: u64 = 16 << 20;
+const DEFAULT_FIRST_SEGMENT: u64 = 4 << 20;
 /// Share of the available memory a channel may map when `max_slab_bytes` is not given.
 const DEFAULT_MAX_SHARE: f64 = 0.5;
 /// How often a blocked call checks for peers that died.

@@ -78,7 +78,7 @@ pub struct HeapState {
     pub mapped_bytes: AtomicU64,
     pub used_bytes: AtomicU64,
     pub used_blocks: AtomicU64,
-    /// Size of the next segment to create when the slab must grow.
+    /// Length of the first segment (`slab_bytes`); later ones follow `slab::segment_len`.
     pub next_segment_len: AtomicU64,
     pub bitmap: [AtomicU64; BIN_WORDS],
     pub bins: [AtomicU64; BIN_COUNT],

@@ -118,7 +118,7 @@ def channel(
     """Create a channel and return its two ends.
 
     ``capacity``: messages queued and not yet taken. ``slab_bytes``: initial slab size
-    (default: start at 16 MiB and grow). ``max_slab_bytes``: hard limit on shared memory
+    (default: start at 4 MiB and grow). ``max_slab_bytes``: hard limit on shared memory
     (default: half the memory available). ``strict``: refuse values that need pickling.
     """
 

@@ -2,6 +2,19 @@
 //! binding decides what is encodable before it writes.
 use super::{Location, Tag};
 
+/// Bytes of a fixed-width uvarint: enough for any `u64`.
+pub const FIXED_VARINT_LEN: usize = 10;
+
+fn fixed_varint(mut value: u64) -> [u8; FIXED_VARINT_LEN] {
+    let mut out = [0x80u8; FIXED_VARINT_LEN];
+    for byte in out.iter_mut() {
+        *byte |= (value & 0x7f) as u8;
+        value >>= 7;
+    }
+    out[FIXED_VARINT_LEN - 1] &= 0x7f;
+    out
+}
+
 /// A growing value stream. Reused between messages (`clear`) so a steady state of `put`
 /// allocates nothing here.
 #[derive(Default, Debug)]
@@ -49,6 +62,20 @@ impl Writer {
             value >>= 7;
         }
         self.buffer.push(value as u8);
+    }
+
+    /// A uvarint in exactly [`FIXED_VARINT_LEN`] bytes (redundant continuation bytes are
+    /// valid LEB128), so it can be rewritten in place with [`Writer::patch_uvarint_fixed`]
+    /// without moving what follows. Returns its position.
+    pub fn uvarint_fixed(&mut self, value: u64) -> usize {
+        let at = self.buffer.len();
+        self.buffer.extend_from_slice(&fixed_varint(value));
+        at
+    }
+
+    /// Rewrites the fixed-width uvarint written at `at`.
+    pub fn patch_uvarint_fixed(&mut self, at: usize, value: u64) {
+        self.buffer[at..at + FIXED_VARINT_LEN].copy_from_slice(&fixed_varint(value));
     }
 
     pub fn ivarint(&mut self, value: i64) {

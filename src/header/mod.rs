@@ -90,7 +90,7 @@ mod frame;
 pub mod value;
 
 pub use decode::{frame_buffers, payload_range, read_buffers, Reader};
-pub use encode::Writer;
+pub use encode::{Writer, FIXED_VARINT_LEN};
 pub use frame::{align_payload, FrameHeader, FLAG_PICKLE, FORMAT_VERSION, FRAME_MAGIC, PREFIX_LEN};
 
 /// Deepest nesting accepted, in both directions: deeper input is refused, not recursed, so a

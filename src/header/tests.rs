@@ -283,3 +283,19 @@ fn payload_ranges_are_bounds_checked() {
     )
     .is_err());
 }
+
+#[test]
+fn fixed_width_varints_read_back_and_patch_in_place() {
+    for value in [0u64, 1, 127, 128, 1 << 40, u64::MAX] {
+        let mut out = Writer::new();
+        out.tag(Tag::None);
+        let at = out.uvarint_fixed(12345);
+        out.tag(Tag::True);
+        out.patch_uvarint_fixed(at, value);
+        assert_eq!(out.len(), 2 + FIXED_VARINT_LEN);
+        let mut input = Reader::new(out.as_bytes());
+        input.tag().unwrap();
+        assert_eq!(input.uvarint().unwrap(), value);
+        assert_eq!(input.tag().unwrap(), Tag::True);
+    }
+}

@@ -36,12 +36,15 @@ impl Frame {
         self.header.frame_len as usize
     }
 
-    /// Writes the whole frame at `destination`.
+    /// Writes the whole frame at `destination`, placing the payloads for that address
+    /// when `placed` (shared memory), packed otherwise (`dumps`).
     ///
     /// # Safety
     /// `destination` must be writable for `self.len()` bytes and must not overlap any
     /// payload source; the payload sources must be alive.
-    pub unsafe fn write(&self, encoded: &Encoded, destination: *mut u8) {
+    pub unsafe fn write(&self, encoded: &mut Encoded, destination: *mut u8, placed: bool) {
+        let area = destination as usize + self.header.payload_offset as usize;
+        encoded.place(placed.then_some(area));
         let prefix = self.header.to_bytes();
         let mut at = 0;
         for part in [

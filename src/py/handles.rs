@@ -234,18 +234,20 @@ impl Sender {
     ) -> PyResult<()> {
         let channel = slf.as_super().get().open()?;
         let deadline = deadline(timeout)?;
-        let encoded = Encoder::new(py, channel.strict(), Some(channel.id()))?
+        let mut encoded = Encoder::new(py, channel.strict(), Some(channel.id()))?
             .encode(obj)
             .map_err(|failure| failure.into_pyerr(py))?;
         let frame = Frame::plan(&encoded)?;
-        let (encoded, frame) = (&encoded, &frame);
+        let frame = &frame;
+        let alloc_bytes = encoded.alloc_bytes;
+        let encoded = &mut encoded;
         let blocked = wait(py, move |interrupt| {
             let started = Instant::now();
             let allocation = channel.begin_put(frame.len(), block, deadline, interrupt)?;
             let mut blocked = started.elapsed();
             // SAFETY: the block holds at least `frame.len()` bytes and is ours alone until
             // published; the payload sources are kept alive by `encoded`.
-            unsafe { frame.write(encoded, allocation.address) };
+            unsafe { frame.write(encoded, allocation.address, true) };
             for (index, lease) in encoded.buffers.iter().enumerate() {
                 if let Err(error) = channel.retain_buffer(lease.block()) {
                     encoded.buffers[..index]
@@ -270,7 +272,7 @@ impl Sender {
         slf.as_super()
             .get()
             .counters
-            .record(frame.len() + encoded.alloc_bytes, blocked);
+            .record(frame.len() + alloc_bytes, blocked);
         Ok(())
     }
 
@@ -531,13 +533,13 @@ pub fn _rebuild(py: Python<'_>, state: &[u8]) -> PyResult<Py<PyAny>> {
 
 #[pyfunction]
 pub fn dumps<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
-    let encoded = Encoder::new(py, false, None)?
+    let mut encoded = Encoder::new(py, false, None)?
         .encode(obj)
         .map_err(|failure| failure.into_pyerr(py))?;
     let frame = Frame::plan(&encoded)?;
     PyBytes::new_with(py, frame.len(), |buffer| {
         // SAFETY: `buffer` is exactly `frame.len()` fresh bytes.
-        unsafe { frame.write(&encoded, buffer.as_mut_ptr()) };
+        unsafe { frame.write(&mut encoded, buffer.as_mut_ptr(), false) };
         Ok(())
     })
 }

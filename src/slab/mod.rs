@@ -28,8 +28,30 @@ use bins::{bin_of, first_bin_fitting};
 use block::{pack, unpack, MIN_BLOCK, STATE_FREE, STATE_USED};
 pub use block::{BlockHeader, SlabRef, HEADER_LEN};
 
-/// Segments are multiples of this (huge-page friendly).
-const SEGMENT_GRANULE: usize = 2 << 20;
+/// Segments are multiples of the page size.
+const PAGE: usize = 4096;
+/// Past the first segment, the slab grows by at least this share of what it maps already,
+/// so the number of segments stays logarithmic (48 of them reach petabytes).
+const GROWTH_DIVISOR: usize = 4;
+
+/// Length of the next segment, for a block of `size` that fits nowhere else: the first one
+/// is `first` (`slab_bytes`) at least; later ones about a quarter of what is mapped, but
+/// always a whole number of `size` blocks, so the equal-sized messages that usually fill a
+/// slab pack with no tail wasted (and the slab maps little more than the peak in flight).
+fn segment_len(size: usize, index: usize, first: u64, mapped: u64, room: usize) -> usize {
+    let target = if index == 0 {
+        (first as usize).max(size)
+    } else {
+        size.max(mapped as usize / GROWTH_DIVISOR)
+    };
+    let blocks = target.div_ceil(size);
+    let whole_blocks = |count: usize| (count * size).next_multiple_of(PAGE);
+    let mut len = whole_blocks(blocks);
+    if len > room {
+        len = whole_blocks((room / size).max(1)).min(room);
+    }
+    len
+}
 
 /// A process's view of the slab.
 pub struct Slab {
@@ -592,14 +614,17 @@ impl Slab {
         let index = heap.segment_count.load(Ordering::Relaxed) as usize;
         let max = control.max_slab_bytes.load(Ordering::Relaxed);
         let mapped = heap.mapped_bytes.load(Ordering::Relaxed);
-        let room = max.saturating_sub(mapped) as usize / SEGMENT_GRANULE * SEGMENT_GRANULE;
-        let room = room.max(max.saturating_sub(mapped) as usize / HEADER_LEN * HEADER_LEN);
+        let room = max.saturating_sub(mapped) as usize / PAGE * PAGE;
         if index >= MAX_SEGMENTS || room < size {
             return Ok(None);
         }
-        let wanted = (heap.next_segment_len.load(Ordering::Relaxed) as usize)
-            .max(size.next_multiple_of(SEGMENT_GRANULE));
-        let len = wanted.min(room);
+        let len = segment_len(
+            size,
+            index,
+            heap.next_segment_len.load(Ordering::Relaxed),
+            mapped,
+            room,
+        );
         let name = format!("tensorslab-{:016x}-{index}", self.channel_id);
         let segment = Segment::create(&self.backing, &name, len)
             .map_err(|error| grow_error(error, len, mapped, max))?;
@@ -626,8 +651,6 @@ impl Slab {
             )));
         }
         heap.mapped_bytes.fetch_add(len as u64, Ordering::Relaxed);
-        heap.next_segment_len
-            .store((mapped + len as u64).max(len as u64), Ordering::Relaxed);
         // Release: pairs with the Acquire load in `segment()`; the record is complete.
         heap.segment_count
             .store(index as u32 + 1, Ordering::Release);

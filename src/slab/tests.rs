@@ -151,3 +151,35 @@ proptest! {
         prop_assert_eq!(free_blocks(&slab).len(), segments);
     }
 }
+
+#[test]
+fn segments_hold_whole_blocks_and_grow_by_a_quarter() {
+    let block = Slab::block_size(8 << 20).unwrap(); // an 8 MiB message and its header
+                                                    // The first segment follows slab_bytes but always fits the block that needed it.
+    assert_eq!(
+        segment_len(block, 0, 4 << 20, 0, 1 << 30),
+        block.next_multiple_of(PAGE)
+    );
+    // Later: about a quarter of what is mapped, in whole blocks, so equal messages pack.
+    let len = segment_len(block, 3, 4 << 20, 200 << 20, 1 << 30);
+    assert_eq!(len % PAGE, 0);
+    assert_eq!(len / block, (50usize << 20).div_ceil(block));
+    assert!(len >= 50 << 20 && len < (50 << 20) + block + PAGE);
+    // Never more than the room max_slab_bytes leaves.
+    assert!(segment_len(block, 3, 4 << 20, 200 << 20, 20 << 20) <= 20 << 20);
+}
+
+#[test]
+fn equal_messages_fill_the_limit_with_no_tail_wasted() {
+    // Eight 8 MiB messages fit a 65 MiB limit: whole-block segments leave no gaps.
+    let slab = slab(65 << 20, 4 << 20);
+    let held: Vec<_> = (0..7)
+        .map(|_| slab.allocate(8 << 20, 0).unwrap().unwrap())
+        .collect();
+    assert!(
+        slab.allocate(8 << 20, 0).unwrap().is_some(),
+        "mapped {}",
+        slab.usage().0
+    );
+    drop(held);
+}

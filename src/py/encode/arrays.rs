@@ -5,8 +5,9 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
+use super::copy::reserve_for;
 use super::{Encoder, Failure, Payload, Source, Step};
-use crate::header::{align_payload, ArrayKind, Location, Tag, ARRAY_REQUIRES_GRAD};
+use crate::header::{ArrayKind, Location, Tag, ARRAY_REQUIRES_GRAD};
 use crate::py::dlpack::{self, contiguous_strides, DEVICE_CPU};
 use crate::py::lease::find_alloc;
 
@@ -194,8 +195,7 @@ impl<'py> Encoder<'py> {
                 strides,
             }
         };
-        let location = self.push_payload(source, len, keep);
-        self.out.location(location);
+        self.push_payload(source, len, keep);
         Ok(())
     }
 
@@ -215,19 +215,21 @@ impl<'py> Encoder<'py> {
         })
     }
 
-    pub(super) fn push_payload(&mut self, source: Source, len: usize, keep: Py<PyAny>) -> Location {
-        let offset = align_payload(self.payload_len).unwrap_or(self.payload_len);
-        self.payload_len = offset + len;
+    /// Records a payload to copy into this frame and writes its location. The offset is a
+    /// placeholder, fixed once the frame's address is known (see `Encoded::place`); the
+    /// area reserves room for that placement.
+    pub(super) fn push_payload(&mut self, source: Source, len: usize, keep: Py<PyAny>) {
+        self.out.uvarint(0);
+        let offset_at = self.out.uvarint_fixed(0);
+        self.out.uvarint(len as u64);
+        self.payload_len += reserve_for(len);
         self.payloads.push(Payload {
             source,
-            offset,
+            offset: 0,
+            offset_at,
+            len,
             keep,
         });
-        Location {
-            block: 0,
-            offset: offset as u64,
-            nbytes: len as u64,
-        }
     }
 }
 

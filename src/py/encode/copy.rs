@@ -1,6 +1,54 @@
-//! Copying payloads into a frame: one `memcpy` per contiguous payload, a row-wise gather
-//! for strided ones. Runs without the GIL.
-use super::{Payload, Source};
+//! Placing payloads in a frame and copying them there: one `memcpy` per contiguous
+//! payload, a row-wise gather for strided ones. Runs without the GIL.
+//!
+//! Placement avoids 4K aliasing: when a copy's destination sits a few dozen bytes past its
+//! source modulo 4096, every store looks to the CPU like it may feed the next loads, and
+//! the copy runs several times slower (measured here: 512 MiB at 2.0 GiB/s 112 bytes
+//! past, 10.2 GiB/s 2 KiB past). So each large payload starts where
+//! `(destination - source) mod 4096` is about 2 KiB, which needs the frame's address: the
+//! area reserves a page per large payload and the offsets are patched into the stream.
+use super::{Encoded, Payload, Source};
+use crate::header::align_payload;
+
+/// Payloads at least this large get an aliasing-free placement (smaller ones copy in a
+/// few cache lines, where it does not matter).
+const ALIAS_MIN: usize = 16 << 10;
+const PAGE: usize = 4096;
+
+/// Bytes of payload area to reserve for a payload of `len` bytes: alignment, plus a page
+/// of placement slack for large payloads.
+pub fn reserve_for(len: usize) -> usize {
+    len + 63 + if len >= ALIAS_MIN { PAGE } else { 0 }
+}
+
+fn source_address(source: &Source) -> usize {
+    match source {
+        Source::Contiguous { address, .. } | Source::Strided { address, .. } => *address as usize,
+    }
+}
+
+impl Encoded {
+    /// Chooses every payload's offset for a payload area starting at address `area` and
+    /// writes the offsets into the value stream. `area == None` (bytes for `dumps`, where
+    /// the address does not matter): offsets are packed.
+    pub fn place(&mut self, area: Option<usize>) {
+        let mut cursor = 0usize;
+        for payload in self.payloads.iter_mut() {
+            let mut offset = align_payload(cursor).unwrap_or(cursor);
+            if let (Some(area), true) = (area, payload.len >= ALIAS_MIN) {
+                let destination = area + offset;
+                let wanted = source_address(&payload.source).wrapping_add(PAGE / 2) % PAGE;
+                let shift = (wanted + PAGE - destination % PAGE) % PAGE;
+                offset += shift.next_multiple_of(64);
+            }
+            payload.offset = offset;
+            self.stream
+                .patch_uvarint_fixed(payload.offset_at, offset as u64);
+            cursor = offset + payload.len;
+        }
+        debug_assert!(cursor <= self.payload_len);
+    }
+}
 
 /// Copies every payload into the payload area starting at `area`.
 ///

@@ -48,7 +48,11 @@ pub enum Source {
 
 pub struct Payload {
     pub source: Source,
+    /// Offset in the payload area, chosen by `Encoded::place`.
     pub offset: usize,
+    /// Where the offset's fixed-width varint sits in the value stream.
+    pub offset_at: usize,
+    pub len: usize,
     /// Held, never read: keeps the source memory alive until the copy is done.
     #[allow(dead_code)]
     pub keep: Py<PyAny>,
@@ -445,7 +449,7 @@ impl<'py> Encoder<'py> {
         } else {
             data.as_ptr()
         };
-        let location = self.push_payload(
+        self.push_payload(
             Source::Contiguous {
                 address,
                 len: data.len(),
@@ -453,7 +457,6 @@ impl<'py> Encoder<'py> {
             data.len(),
             keep.unbind(),
         );
-        self.out.location(location);
         Ok(())
     }
 
@@ -575,7 +578,7 @@ impl<'py> Encoder<'py> {
         } else {
             self.out.u8(1);
             let slice = bytes.as_bytes();
-            let location = self.push_payload(
+            self.push_payload(
                 Source::Contiguous {
                     address: slice.as_ptr(),
                     len: slice.len(),
@@ -583,7 +586,6 @@ impl<'py> Encoder<'py> {
                 slice.len(),
                 data.clone().unbind(),
             );
-            self.out.location(location);
         }
         self.out.uvarint(buffers.len() as u64);
         for buffer in buffers.iter() {
@@ -598,9 +600,7 @@ impl<'py> Encoder<'py> {
             let len = array.len();
             // SAFETY: a live one-dimensional byte array; `data` is its buffer.
             let address = unsafe { (*array.as_array_ptr()).fields.data } as *const u8;
-            let location =
-                self.push_payload(Source::Contiguous { address, len }, len, bytes.unbind());
-            self.out.location(location);
+            self.push_payload(Source::Contiguous { address, len }, len, bytes.unbind());
         }
         Ok(())
     }
