@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from payloads import (
     format_bytes,
     size_of,
 )
-from transports import TENSORSLAB, TRANSPORTS, Transport, resolve
+from transports import TENSORSLAB, TRANSPORTS, WAKE_FLOOR, Transport, resolve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LATENCY_TRANSPORTS = ("tensorslab", "mp.Queue", "mp.Pipe")
@@ -338,11 +339,12 @@ def print_latency(latency: dict[str, dict]) -> None:
     for name, r in latency.items():
         if "p50_us" in r:
             print(
-                f"{name:<14} p50 {r['p50_us']:8.1f} µs   p99 {r['p99_us']:8.1f} µs"
+                f"{name:<16} p50 {r['p50_us']:8.1f} µs   p99 {r['p99_us']:8.1f} µs"
                 f"   ({r['messages']} messages)"
             )
         else:
-            print(f"{name:<14} failed: {_last_line(r.get('error', '?'))}")
+            print(f"{name:<16} failed: {_last_line(r.get('error', '?'))}")
+    print(f"({WAKE_FLOOR.name}: {WAKE_FLOOR.description}, for scale)")
 
 
 def print_blocked(blocked: dict[str, dict], seconds: float) -> None:
@@ -354,7 +356,7 @@ def print_blocked(blocked: dict[str, dict], seconds: float) -> None:
                 f"({r['cpu_s']:.4f} s CPU in {r['wall_s']:.2f} s; ended with {r['outcome']})"
             )
         else:
-            print(f"{name:<14} failed: {_last_line(r.get('error', '?'))}")
+            print(f"{name:<16} failed: {_last_line(r.get('error', '?'))}")
 
 
 def _last_line(text: str) -> str:
@@ -363,13 +365,16 @@ def _last_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # `kill` or a CI timeout: unwind, so every child process is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     command = shlex.join(
         ["python", "benches/compare.py", *(sys.argv[1:] if argv is None else argv)]
     )
     opts, cases, transports = plan(args)
-    latency_count, blocked_s = (200, 1.0) if args.smoke else (3000, 5.0)
+    latency_count, blocked_s = (100, 0.5) if args.smoke else (3000, 5.0)
 
     info = machine()
+    load_at_start = os.getloadavg()[0]  # other work on the machine skews every figure
     print(f"command: {command}")
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print(f"touch: {TOUCH}\n{ALLOC_FILL}")
@@ -382,10 +387,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results = run_throughput(transports, cases, opts, missing)
     latency = {}
-    for name in LATENCY_TRANSPORTS:
-        if name in runnable:
-            print(f"\nlatency {name}: {latency_count} paced 64 B dict messages ...", flush=True)
-            latency[name] = harness.run_latency(TRANSPORTS[name], latency_count)
+    for transport in [TRANSPORTS[n] for n in LATENCY_TRANSPORTS if n in runnable] + [WAKE_FLOOR]:
+        print(f"\nlatency {transport.name}: {latency_count} paced messages ...", flush=True)
+        latency[transport.name] = harness.run_latency(transport, latency_count)
     blocked = {}
     if blocked_on := [TRANSPORTS[n] for n in BLOCKED_TRANSPORTS if n in runnable]:
         print(f"\nCPU while blocked in get(timeout={blocked_s:g}) ...", flush=True)
@@ -397,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     print_ratios(table, cases)
     print_latency(latency)
     print_blocked(blocked, blocked_s)
+    print(f"\nload average (1 min): {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
     print("\n=== tensorslab stats ===")
     print_stats(results)
 
@@ -404,10 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": info,
+        "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
         "options": dataclasses.asdict(opts),
         "touch": TOUCH,
         "alloc_fill": ALLOC_FILL,
-        "transports": {t.name: t.description for t in transports},
+        "transports": {t.name: t.description for t in [*transports, WAKE_FLOOR]},
         "cases": {
             c: {
                 "bytes": case_nbytes(c),

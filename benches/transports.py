@@ -289,6 +289,24 @@ class ShmPerMessage(MpQueue):
         segment.unlink()
 
 
+class PipeWakeFloor(MpPipe):
+    """Latency reference only: 8 raw bytes (the timestamp) through a pipe, no pickling. Its
+    one-way latency is about what this machine needs to wake a process blocked in the kernel
+    (a futex wake can be somewhat cheaper): the scale against which to read the others."""
+
+    name = "pipe-wake-floor"
+    description = "8 raw bytes through a pipe: the machine's cost of waking a sleeping process"
+
+    def send(self, send_end: Any, msg: Any, timeout: float) -> None:
+        send_end.send_bytes(b"" if msg is None else msg["t"].to_bytes(8, "little"))
+
+    def recv(self, recv_end: Any, timeout: float) -> tuple[Any, Any]:
+        if not recv_end.poll(timeout):
+            raise self._timeout("recv", timeout)
+        raw = recv_end.recv_bytes()
+        return ({"t": int.from_bytes(raw, "little")} if raw else None), None
+
+
 class Memcpy(Transport):
     name = "memcpy"
     description = "warm single-process np.copyto of the same arrays into preallocated destinations"
@@ -308,6 +326,9 @@ TRANSPORTS: dict[str, Transport] = {
         Memcpy(),
     ]
 }
+
+# Not compared for throughput; run beside the latency measurements.
+WAKE_FLOOR = PipeWakeFloor()
 
 # Short names accepted by --transports.
 ALIASES = {

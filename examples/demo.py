@@ -202,7 +202,7 @@ def show_round_trip() -> bool:
         for what, msg in sample_messages():
             tx.put(msg, timeout=60)
             print(f"  sent {what}")
-        tx.close()  # the checker's `for got in rx` ends here
+        tx.close()  # were a message lost, this would end the checker's `for ... in rx`
         verdict = replies_rx.get(timeout=120)
     finally:
         child.join(30)
@@ -223,7 +223,7 @@ def show_round_trip() -> bool:
 
 
 def show_throughput(cases: list[str], opts: harness.Options) -> None:
-    print("Throughput, one producer and one consumer process, the consumer reading every page:")
+    print("Throughput, one producer and one consumer process; the consumer touches every page:")
     results = {}
     for name in ("tensorslab", "mp.Queue"):
         print(f"  measuring {name} ...", flush=True)
