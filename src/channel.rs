@@ -834,18 +834,61 @@ impl Channel {
     }
 
     fn slab_full_error(&self, len: usize) -> Error {
-        let (mapped, used, blocks) = self.slab.usage();
+        let (mapped, used, _) = self.slab.usage();
         let max = self.control().max_slab_bytes.load(Ordering::Relaxed);
-        let pids = self.control().pids(Some(Side::Receiver));
         Error::Full(format!(
-            "slab exhausted: a message of {} does not fit; {} of {} mapped (max_slab_bytes {}) is held by {} unreleased messages (receiver pids {}); raise max_slab_bytes or drop received tensors sooner",
+            "slab exhausted: a message of {} does not fit; {} of {} mapped (max_slab_bytes {}) is held by {}; raise max_slab_bytes, drop received tensors sooner, or drop alloc buffers that will not be sent",
             format_bytes(len as u64),
             format_bytes(used),
             format_bytes(mapped),
             format_bytes(max),
-            blocks,
-            pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+            self.describe_holders(),
         ))
+    }
+
+    /// Who holds the slab's memory, for error messages: "3 unreleased messages still queued, 2 messages
+    /// held by receivers (pids 41, 42), 5 alloc buffers (pids 40)".
+    fn describe_holders(&self) -> String {
+        let mut queued = 0;
+        let mut kinds: [(usize, Vec<u32>); 3] = Default::default();
+        for (_, owner) in self.slab.used_blocks() {
+            let kind = match owner_kind(owner) {
+                OWNER_QUEUED => {
+                    queued += 1;
+                    continue;
+                }
+                OWNER_RECEIVER => 0,
+                OWNER_ALLOC | OWNER_ORPHAN => 1,
+                _ => 2,
+            };
+            kinds[kind].0 += 1;
+            if let Some(pid) = self
+                .control()
+                .processes
+                .get(usize::from(owner_slot(owner)))
+                .and_then(|slot| slot.pid())
+            {
+                if !kinds[kind].1.contains(&pid) {
+                    kinds[kind].1.push(pid);
+                }
+            }
+        }
+        let mut parts = vec![format!("{queued} unreleased messages still queued")];
+        for ((count, pids), what) in kinds.iter().zip([
+            "messages held by receivers",
+            "alloc buffers",
+            "puts in progress",
+        ]) {
+            if *count > 0 {
+                let pids = pids
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                parts.push(format!("{count} {what} (pids {pids})"));
+            }
+        }
+        parts.join(", ")
     }
 }
 

@@ -48,6 +48,8 @@ pub struct Decoder<'py, 'a> {
     channel: Option<&'a Channel>,
     allow_pickle: bool,
     arrays: Vec<Py<PyAny>>,
+    /// Bytes of `alloc` buffers the message referenced (they are part of what it moved).
+    pub external_bytes: std::cell::Cell<u64>,
 }
 
 fn corrupt(what: impl Into<String>) -> PyErr {
@@ -73,11 +75,12 @@ impl<'py, 'a> Decoder<'py, 'a> {
             channel,
             allow_pickle,
             arrays: vec![],
+            external_bytes: std::cell::Cell::new(0),
         })
     }
 
     /// Decodes the message (the stream's one value) and checks nothing trails it.
-    pub fn message(mut self) -> PyResult<Bound<'py, PyAny>> {
+    pub fn message(&mut self) -> PyResult<Bound<'py, PyAny>> {
         let py = self.py;
         let value = self.value().map_err(|error| as_decode_error(py, error))?;
         if !self.input.is_at_end() {
@@ -435,6 +438,8 @@ impl<'py, 'a> Decoder<'py, 'a> {
             .content_len
             .load(std::sync::atomic::Ordering::Relaxed);
         let range = payload_range(location, len)?;
+        self.external_bytes
+            .set(self.external_bytes.get() + location.nbytes);
         // SAFETY: `content` checked the block lies in its mapped segment; the range lies
         // within its content (checked just above).
         Ok(unsafe { address.add(range.start) })

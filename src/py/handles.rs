@@ -446,8 +446,8 @@ fn receive<'py>(
         .map_err(GetError::Core)?;
     let blocked = started.elapsed();
     let len = received.len;
-    let value = decode_received(py, channel, received, copy)?;
-    handle.counters.record(len, blocked);
+    let (value, alloc_bytes) = decode_received(py, channel, received, copy)?;
+    handle.counters.record(len + alloc_bytes as usize, blocked);
     Ok(value)
 }
 
@@ -458,7 +458,7 @@ fn decode_received<'py>(
     channel: &Arc<Channel>,
     received: Received,
     copy: bool,
-) -> PyResult<Bound<'py, PyAny>> {
+) -> PyResult<(Bound<'py, PyAny>, u64)> {
     // SAFETY: `receive` checked the block is in use and `len` bytes long; it is ours until
     // released, which the lease below does no earlier than when its last view is gone.
     let frame = unsafe { std::slice::from_raw_parts(received.address, received.len) };
@@ -481,9 +481,10 @@ fn decode_received<'py>(
     } else {
         Mode::View(lease.clone())
     };
-    let value = Decoder::new(py, input, area, mode, Some(channel), true)?.message();
+    let mut decoder = Decoder::new(py, input, area, mode, Some(channel), true)?;
+    let value = decoder.message();
     drop(lease);
-    value
+    Ok((value?, decoder.external_bytes.get()))
 }
 
 #[pyfunction]
