@@ -84,6 +84,7 @@ demo: build
 
 bench: build
 	$(PY) benches/compare.py
+	$(PY) benches/dataloader.py
 
 # Long run with random kills (issue 4); not part of `make test`.
 soak: build

@@ -231,11 +231,12 @@ def test_is_a_torch_dataloader_with_torch_signature():
     assert {"max_slab_bytes", "slab_bytes"} <= set(ours.parameters)
 
 
-@pytest.mark.parametrize("num_workers", [0, 1, 2, 4])
-@pytest.mark.parametrize("persistent", [False, True])
+# persistent_workers needs workers, so (0, True) is not a case.
+@pytest.mark.parametrize(
+    "num_workers,persistent",
+    [(0, False), (1, False), (2, False), (4, False), (1, True), (2, True), (4, True)],
+)
 def test_map_style_same_batches_fork(num_workers, persistent):
-    if persistent and num_workers == 0:
-        pytest.skip("persistent_workers needs workers")
     kwargs = dict(
         batch_size=5, shuffle=True, num_workers=num_workers, persistent_workers=persistent
     )
