@@ -6,43 +6,26 @@
 //! `receive` pops it (exactly one consumer), and `release_message` frees the block when the
 //! receiver's last view is gone, counting the acknowledgement for the sender.
 //!
-//! # Crash recovery
-//!
-//! Every block records who is responsible for it (`BlockHeader::owner`): the producer
-//! while it fills it (`SENDER`) and pushes it (`QUEUED`), the consumer that took it
-//! (`RECEIVER`, set under the ring lock before `head` moves), or the process an `alloc`
-//! buffer belongs to (`ALLOC`). A process that exits without closing is noticed by any
-//! peer blocked in a call (every 100 ms): `reap_dead` drops its handles and `reclaim` frees
-//! what it held, except blocks still in the ring, which stay for the other consumers:
-//!
-//! - a message it had taken is released (with the `alloc` buffers it referenced): delivery
-//!   is *at most once* to a consumer that dies, exactly once otherwise;
-//! - a put it had not published is freed; nobody saw it (no partial message is visible);
-//! - its own reference to an `alloc` buffer is dropped; messages holding it keep it.
-//!
-//! A producer waiting for memory is such a blocked peer, so memory held by a dead consumer
-//! returns at the latest when a producer needs it.
+//! Crash recovery lives in `recovery.rs`, error texts and statistics in `report.rs`.
+
+mod recovery;
 mod registry;
+mod report;
 mod ticket;
 mod watcher;
 
 pub use registry::{after_fork_in_child, after_fork_in_parent, before_fork};
 pub use ticket::Ticket;
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::header::frame_buffers;
 use crate::layout::{self, Cell, ControlBlock, ABI_VERSION, FLAG_STRICT, MAGIC};
 use crate::procs::Side;
 use crate::ring::{Entry, Ring};
 use crate::shm::{current_pid, format_bytes, Backing, FileIdentity, ProcessId, Segment};
-use crate::slab::block::{
-    owner_kind, owner_slot, owner_word, OWNER_ALLOC, OWNER_ORPHAN, OWNER_QUEUED, OWNER_RECEIVER,
-    OWNER_SENDER,
-};
+use crate::slab::block::{owner_word, OWNER_ALLOC, OWNER_QUEUED, OWNER_RECEIVER, OWNER_SENDER};
 use crate::slab::{Allocation, Slab, SlabRef};
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use crate::wait::{futex_wait, futex_wake, Deadline, Interrupt};
@@ -733,162 +716,6 @@ impl Channel {
             interrupt()?;
             self.reap_if_due();
         }
-    }
-
-    /// Notices peers that died without closing (rate-limited).
-    pub fn reap_if_due(&self) {
-        let Ok(mut last) = self.last_reap.try_lock() else {
-            return;
-        };
-        if last.elapsed() < REAP_INTERVAL {
-            return;
-        }
-        *last = Instant::now();
-        self.control().reap_dead(|dead| self.reclaim(dead));
-    }
-
-    /// Takes back the memory a dead process held (see "Crash recovery" in the module docs).
-    /// Runs once per death: `reap_dead` claims the slot before calling it.
-    fn reclaim(&self, dead: u16) {
-        let queued: HashSet<u64> = {
-            let _guard = self.slab.lock(&self.control().ring_lock);
-            self.ring().queued().map(|entry| entry.block).collect()
-        };
-        for (block, owner) in self.slab.used_blocks() {
-            if owner_slot(owner) != dead || queued.contains(&block.0) {
-                continue;
-            }
-            match owner_kind(owner) {
-                // A message it had taken: its views died with it.
-                OWNER_RECEIVER => {
-                    if let Ok((header, address, _)) = self.slab.content(block) {
-                        let len = header.content_len.load(Ordering::Relaxed) as usize;
-                        // SAFETY: `content` checked the block lies inside its segment and
-                        // `content_len` was written by the sender within the block.
-                        let frame = unsafe { std::slice::from_raw_parts(address, len) };
-                        for buffer in frame_buffers(frame).unwrap_or_default() {
-                            let _ = self.slab.release(buffer);
-                        }
-                    }
-                    if let Ok(Some(origin)) = self.slab.release(block) {
-                        self.uncount_outstanding(origin);
-                    }
-                }
-                // A put it never finished: nobody else has seen the block.
-                OWNER_SENDER | OWNER_QUEUED => {
-                    let _ = self.slab.release(block);
-                }
-                // Its own reference to an `alloc` buffer; messages may still hold others.
-                OWNER_ALLOC => {
-                    if let Ok(header) = self.slab.header(block) {
-                        header
-                            .owner
-                            .store(owner_word(OWNER_ORPHAN, 0), Ordering::Relaxed);
-                    }
-                    let _ = self.slab.release(block);
-                }
-                _ => {}
-            }
-        }
-    }
-
-    // ---- reporting ----
-
-    pub fn shared_stats(&self) -> SharedStats {
-        let control = self.control();
-        let (mapped_bytes, used_bytes, used_blocks) = self.slab.usage();
-        SharedStats {
-            mapped_bytes,
-            used_bytes,
-            used_blocks,
-            queued: self.ring().len(),
-            capacity: self.ring().capacity(),
-            max_slab_bytes: control.max_slab_bytes.load(Ordering::Relaxed),
-            segments: control.heap.segment_count.load(Ordering::Relaxed),
-            senders: control.handles.open(Side::Sender),
-            receivers: control.handles.open(Side::Receiver),
-            outstanding: control.processes[usize::from(self.slot())]
-                .outstanding
-                .load(Ordering::Relaxed),
-        }
-    }
-
-    pub fn queued(&self) -> u64 {
-        self.ring().len()
-    }
-
-    pub fn capacity(&self) -> u64 {
-        self.ring().capacity()
-    }
-
-    pub fn has_space(&self, len: usize) -> bool {
-        !self.ring().is_full() && self.slab.has_space(len)
-    }
-
-    fn ring_full_error(&self) -> Error {
-        Error::Full(format!(
-            "channel full: {} messages queued (capacity {}); receivers are not keeping up",
-            self.ring().len(),
-            self.ring().capacity()
-        ))
-    }
-
-    fn slab_full_error(&self, len: usize) -> Error {
-        let (mapped, used, _) = self.slab.usage();
-        let max = self.control().max_slab_bytes.load(Ordering::Relaxed);
-        Error::Full(format!(
-            "slab exhausted: a message of {} does not fit; {} of {} mapped (max_slab_bytes {}) is held by {}; raise max_slab_bytes, drop received tensors sooner, or drop alloc buffers that will not be sent",
-            format_bytes(len as u64),
-            format_bytes(used),
-            format_bytes(mapped),
-            format_bytes(max),
-            self.describe_holders(),
-        ))
-    }
-
-    /// Who holds the slab's memory, for error messages: "3 unreleased messages still queued, 2 messages
-    /// held by receivers (pids 41, 42), 5 alloc buffers (pids 40)".
-    fn describe_holders(&self) -> String {
-        let mut queued = 0;
-        let mut kinds: [(usize, Vec<u32>); 3] = Default::default();
-        for (_, owner) in self.slab.used_blocks() {
-            let kind = match owner_kind(owner) {
-                OWNER_QUEUED => {
-                    queued += 1;
-                    continue;
-                }
-                OWNER_RECEIVER => 0,
-                OWNER_ALLOC | OWNER_ORPHAN => 1,
-                _ => 2,
-            };
-            kinds[kind].0 += 1;
-            if let Some(pid) = self
-                .control()
-                .processes
-                .get(usize::from(owner_slot(owner)))
-                .and_then(|slot| slot.pid())
-            {
-                if !kinds[kind].1.contains(&pid) {
-                    kinds[kind].1.push(pid);
-                }
-            }
-        }
-        let mut parts = vec![format!("{queued} unreleased messages still queued")];
-        for ((count, pids), what) in kinds.iter().zip([
-            "messages held by receivers",
-            "alloc buffers",
-            "puts in progress",
-        ]) {
-            if *count > 0 {
-                let pids = pids
-                    .iter()
-                    .map(u32::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                parts.push(format!("{count} {what} (pids {pids})"));
-            }
-        }
-        parts.join(", ")
     }
 }
 

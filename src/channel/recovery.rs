@@ -1,0 +1,87 @@
+//! Crash recovery: noticing processes that died without closing, and taking back what
+//! they held.
+//!
+//! Every block records who is responsible for it (`BlockHeader::owner`): the producer
+//! while it fills it (`SENDER`) and pushes it (`QUEUED`), the consumer that took it
+//! (`RECEIVER`, set under the ring lock before `head` moves), or the process an `alloc`
+//! buffer belongs to (`ALLOC`). A process that exits without closing is noticed within
+//! about 100 ms by the other processes' watcher threads (see `watcher.rs`) and by any peer
+//! blocked in a call: `reap_dead` drops its handles and `reclaim` frees what it held,
+//! except blocks still in the ring, which stay for the other consumers:
+//!
+//! - a message it had taken is released (with the `alloc` buffers it referenced): delivery
+//!   is *at most once* to a consumer that dies, exactly once otherwise;
+//! - a put it had not published is freed; nobody saw it (no partial message is visible);
+//! - its own reference to an `alloc` buffer is dropped; messages holding it keep it.
+//!
+//! A producer waiting for memory is such a blocked peer, so memory held by a dead consumer
+//! returns at the latest when a producer needs it, and usually ~100 ms after the death.
+use std::collections::HashSet;
+use std::time::Instant;
+
+use super::{Channel, REAP_INTERVAL};
+use crate::header::frame_buffers;
+use crate::slab::block::{
+    owner_kind, owner_slot, owner_word, OWNER_ALLOC, OWNER_ORPHAN, OWNER_QUEUED, OWNER_RECEIVER,
+    OWNER_SENDER,
+};
+use crate::sync::Ordering;
+
+impl Channel {
+    /// Notices peers that died without closing (rate-limited).
+    pub fn reap_if_due(&self) {
+        let Ok(mut last) = self.last_reap.try_lock() else {
+            return;
+        };
+        if last.elapsed() < REAP_INTERVAL {
+            return;
+        }
+        *last = Instant::now();
+        self.control().reap_dead(|dead| self.reclaim(dead));
+    }
+
+    /// Takes back the memory a dead process held (see "Crash recovery" in the module docs).
+    /// Runs once per death: `reap_dead` claims the slot before calling it.
+    pub(super) fn reclaim(&self, dead: u16) {
+        let queued: HashSet<u64> = {
+            let _guard = self.slab.lock(&self.control().ring_lock);
+            self.ring().queued().map(|entry| entry.block).collect()
+        };
+        for (block, owner) in self.slab.used_blocks() {
+            if owner_slot(owner) != dead || queued.contains(&block.0) {
+                continue;
+            }
+            match owner_kind(owner) {
+                // A message it had taken: its views died with it.
+                OWNER_RECEIVER => {
+                    if let Ok((header, address, _)) = self.slab.content(block) {
+                        let len = header.content_len.load(Ordering::Relaxed) as usize;
+                        // SAFETY: `content` checked the block lies inside its segment and
+                        // `content_len` was written by the sender within the block.
+                        let frame = unsafe { std::slice::from_raw_parts(address, len) };
+                        for buffer in frame_buffers(frame).unwrap_or_default() {
+                            let _ = self.slab.release(buffer);
+                        }
+                    }
+                    if let Ok(Some(origin)) = self.slab.release(block) {
+                        self.uncount_outstanding(origin);
+                    }
+                }
+                // A put it never finished: nobody else has seen the block.
+                OWNER_SENDER | OWNER_QUEUED => {
+                    let _ = self.slab.release(block);
+                }
+                // Its own reference to an `alloc` buffer; messages may still hold others.
+                OWNER_ALLOC => {
+                    if let Ok(header) = self.slab.header(block) {
+                        header
+                            .owner
+                            .store(owner_word(OWNER_ORPHAN, 0), Ordering::Relaxed);
+                    }
+                    let _ = self.slab.release(block);
+                }
+                _ => {}
+            }
+        }
+    }
+}
