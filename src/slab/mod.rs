@@ -15,6 +15,8 @@
 //! decides whether to wait.
 mod bins;
 pub mod block;
+mod freelist;
+mod walk;
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -24,7 +26,6 @@ use crate::lock::LockGuard;
 use crate::shm::{format_bytes, Backing, FileIdentity, ProcessId, Segment};
 use crate::sync::{AtomicU32, Ordering};
 use crate::wait::futex_wake;
-use bins::{bin_of, first_bin_fitting};
 use block::{pack, unpack, MIN_BLOCK, STATE_FREE, STATE_USED};
 pub use block::{BlockHeader, SlabRef, HEADER_LEN};
 
@@ -464,148 +465,6 @@ impl Slab {
         )
     }
 
-    // ---- free lists (heap lock held) ----
-
-    fn find_fitting(&self, size: usize) -> Result<Option<SlabRef>> {
-        let heap = self.heap();
-        // First fit among the first few blocks of the request's own bin: keeps exact-size
-        // reuse (the common case of equal messages) without scanning long lists.
-        let own = bin_of(size);
-        let mut link = heap.bins[own].load(Ordering::Relaxed);
-        for _ in 0..8 {
-            let Some(block) = SlabRef::from_link(link) else {
-                break;
-            };
-            let header = self.header(block)?;
-            if unpack(header.size_state.load(Ordering::Relaxed)).0 >= size {
-                return Ok(Some(block));
-            }
-            link = header.next_free.load(Ordering::Relaxed);
-        }
-        let first = first_bin_fitting(size);
-        for word_index in first / 64..heap.bitmap.len() {
-            let mut word = heap.bitmap[word_index].load(Ordering::Relaxed);
-            if word_index == first / 64 {
-                word &= !0u64 << (first % 64);
-            }
-            if word != 0 {
-                let bin = word_index * 64 + word.trailing_zeros() as usize;
-                return Ok(SlabRef::from_link(heap.bins[bin].load(Ordering::Relaxed)));
-            }
-        }
-        Ok(None)
-    }
-
-    fn take_fitting(&self, size: usize) -> Result<Option<SlabRef>> {
-        let Some(block) = self.find_fitting(size)? else {
-            return Ok(None);
-        };
-        self.unlink_free(block)?;
-        Ok(Some(block))
-    }
-
-    fn push_free(&self, block: SlabRef) -> Result<()> {
-        let heap = self.heap();
-        let header = self.header(block)?;
-        let (size, _) = unpack(header.size_state.load(Ordering::Relaxed));
-        let bin = bin_of(size);
-        let head = heap.bins[bin].load(Ordering::Relaxed);
-        header.next_free.store(head, Ordering::Relaxed);
-        header.prev_free.store(0, Ordering::Relaxed);
-        if let Some(next) = SlabRef::from_link(head) {
-            self.header(next)?
-                .prev_free
-                .store(block.link(), Ordering::Relaxed);
-        }
-        heap.bins[bin].store(block.link(), Ordering::Relaxed);
-        heap.bitmap[bin / 64].fetch_or(1 << (bin % 64), Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn unlink_free(&self, block: SlabRef) -> Result<()> {
-        let heap = self.heap();
-        let header = self.header(block)?;
-        let (size, _) = unpack(header.size_state.load(Ordering::Relaxed));
-        let bin = bin_of(size);
-        let next = header.next_free.load(Ordering::Relaxed);
-        let prev = header.prev_free.load(Ordering::Relaxed);
-        match SlabRef::from_link(prev) {
-            Some(prev) => self.header(prev)?.next_free.store(next, Ordering::Relaxed),
-            None => heap.bins[bin].store(next, Ordering::Relaxed),
-        }
-        if let Some(next_block) = SlabRef::from_link(next) {
-            self.header(next_block)?
-                .prev_free
-                .store(prev, Ordering::Relaxed);
-        }
-        if heap.bins[bin].load(Ordering::Relaxed) == 0 {
-            heap.bitmap[bin / 64].fetch_and(!(1 << (bin % 64)), Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    /// Cuts `block` (free, unlinked, `found` bytes) down to `size`; the tail becomes free.
-    fn split(&self, block: SlabRef, header: &BlockHeader, size: usize, found: usize) -> Result<()> {
-        let tail = SlabRef::new(block.segment(), block.offset() + size);
-        let tail_header = self.header(tail)?;
-        // Tail first, then shrink the head: a walk by sizes sees either the old whole
-        // block or both halves, never a gap.
-        tail_header.prev_size.store(size as u64, Ordering::Relaxed);
-        tail_header
-            .size_state
-            .store(pack(found - size, STATE_FREE), Ordering::Relaxed);
-        header
-            .size_state
-            .store(pack(size, STATE_FREE), Ordering::Relaxed);
-        self.set_next_prev_size(tail, found - size)?;
-        self.push_free(tail)
-    }
-
-    fn set_next_prev_size(&self, block: SlabRef, size: usize) -> Result<()> {
-        let segment_len = self.segment(block.segment())?.len();
-        let next_offset = block.offset() + size;
-        if next_offset < segment_len {
-            let next = SlabRef::new(block.segment(), next_offset);
-            self.header(next)?
-                .prev_size
-                .store(size as u64, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    /// Merges a newly freed block with free neighbours; returns the merged block.
-    fn merge_neighbours(&self, block: SlabRef, size: usize) -> Result<SlabRef> {
-        let segment_len = self.segment(block.segment())?.len();
-        let (mut start, mut size) = (block, size);
-        let next_offset = start.offset() + size;
-        if next_offset < segment_len {
-            let next = SlabRef::new(start.segment(), next_offset);
-            let (next_size, state) = unpack(self.header(next)?.size_state.load(Ordering::Relaxed));
-            if state == STATE_FREE {
-                self.unlink_free(next)?;
-                size += next_size;
-                self.header(start)?
-                    .size_state
-                    .store(pack(size, STATE_FREE), Ordering::Relaxed);
-            }
-        }
-        let prev_size = self.header(start)?.prev_size.load(Ordering::Relaxed) as usize;
-        if prev_size != 0 && prev_size <= start.offset() {
-            let prev = SlabRef::new(start.segment(), start.offset() - prev_size);
-            let (found, state) = unpack(self.header(prev)?.size_state.load(Ordering::Relaxed));
-            if state == STATE_FREE && found == prev_size {
-                self.unlink_free(prev)?;
-                size += prev_size;
-                start = prev;
-                self.header(start)?
-                    .size_state
-                    .store(pack(size, STATE_FREE), Ordering::Relaxed);
-            }
-        }
-        self.set_next_prev_size(start, size)?;
-        Ok(start)
-    }
-
     /// Adds a segment big enough for a block of `size`; returns that whole segment as one
     /// free (unlinked) block, or `None` when `max_slab_bytes` leaves no room.
     fn grow(&self, size: usize) -> Result<Option<SlabRef>> {
@@ -658,103 +517,6 @@ impl Slab {
         // (see `channel::watcher`).
         futex_wake(&heap.segment_count, i32::MAX);
         Ok(Some(SlabRef::new(index, 0)))
-    }
-
-    /// Every block in use with its owner word, walked under the heap lock.
-    pub fn used_blocks(&self) -> Vec<(SlabRef, u64)> {
-        let _guard = self.lock(&self.control().heap_lock);
-        let count = self.heap().segment_count.load(Ordering::Acquire) as usize;
-        let mut used = vec![];
-        for index in 0..count {
-            let Ok(segment) = self.segment(index) else {
-                continue;
-            };
-            let mut offset = 0;
-            while offset + HEADER_LEN <= segment.len() {
-                let block = SlabRef::new(index, offset);
-                let Ok(header) = self.header(block) else {
-                    break;
-                };
-                let (size, state) = unpack(header.size_state.load(Ordering::Acquire));
-                if size < HEADER_LEN || offset + size > segment.len() {
-                    break;
-                }
-                if state == STATE_USED {
-                    used.push((block, header.owner.load(Ordering::Relaxed)));
-                }
-                offset += size;
-            }
-        }
-        used
-    }
-
-    /// Rebuilds every free list from the blocks' own headers. Run after breaking the heap
-    /// lock of a process that died holding it: the size words are always consistent (one
-    /// store per transition), the links and `prev_size` may not be.
-    pub fn rebuild_free_lists(&self) {
-        let heap = self.heap();
-        for bin in heap.bins.iter() {
-            bin.store(0, Ordering::Relaxed);
-        }
-        for word in heap.bitmap.iter() {
-            word.store(0, Ordering::Relaxed);
-        }
-        let count = heap.segment_count.load(Ordering::Acquire) as usize;
-        let (mut used_bytes, mut used_blocks) = (0u64, 0u64);
-        for index in 0..count {
-            let Ok(segment) = self.segment(index) else {
-                continue;
-            };
-            let len = segment.len();
-            let (mut offset, mut prev_size, mut free_run): (
-                usize,
-                usize,
-                Option<(SlabRef, usize)>,
-            ) = (0, 0, None);
-            while offset + HEADER_LEN <= len {
-                let block = SlabRef::new(index, offset);
-                let Ok(header) = self.header(block) else {
-                    break;
-                };
-                let (size, state) = unpack(header.size_state.load(Ordering::Relaxed));
-                if size < HEADER_LEN || offset + size > len {
-                    break;
-                }
-                if state == STATE_FREE {
-                    free_run = Some(match free_run {
-                        Some((start, run)) => (start, run + size),
-                        None => {
-                            header.prev_size.store(prev_size as u64, Ordering::Relaxed);
-                            (block, size)
-                        }
-                    });
-                } else {
-                    if let Some((start, run)) = free_run.take() {
-                        self.finish_free_run(start, run);
-                        prev_size = run;
-                    }
-                    header.prev_size.store(prev_size as u64, Ordering::Relaxed);
-                    used_bytes += size as u64;
-                    used_blocks += 1;
-                    prev_size = size;
-                }
-                offset += size;
-            }
-            if let Some((start, run)) = free_run {
-                self.finish_free_run(start, run);
-            }
-        }
-        heap.used_bytes.store(used_bytes, Ordering::Relaxed);
-        heap.used_blocks.store(used_blocks, Ordering::Relaxed);
-    }
-
-    fn finish_free_run(&self, start: SlabRef, size: usize) {
-        if let Ok(header) = self.header(start) {
-            header
-                .size_state
-                .store(pack(size, STATE_FREE), Ordering::Relaxed);
-            let _ = self.push_free(start);
-        }
     }
 }
 
