@@ -40,7 +40,8 @@ const REAP_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest wait for a peer to map a segment this process just created (see
 /// `Channel::wait_until_held_elsewhere`).
 const HELD_ELSEWHERE_WAIT: Duration = Duration::from_secs(2);
-/// How long a consumer spins before sleeping on an empty ring (latency vs. CPU).
+/// How long a consumer spins on an empty ring, or a producer on a full one, before sleeping
+/// (latency against CPU; see `Channel::spin`).
 const SPIN: Duration = Duration::from_micros(20);
 
 #[derive(Clone, Debug)]
@@ -495,7 +496,7 @@ impl Channel {
         // Counted before the push: a fast receiver may release it before we return.
         let slot = &self.control().processes[usize::from(self.slot())];
         slot.outstanding.fetch_add(1, Ordering::Relaxed);
-        let pushed = self.try_push(entry)?;
+        let pushed = self.try_push(entry)? || (block && self.spin_until_pushed(entry)?);
         let pushed = if pushed {
             true
         } else if block {
@@ -520,6 +521,38 @@ impl Channel {
             return Err(self.ring_full_error());
         }
         Ok(())
+    }
+
+    /// Spins for up to `SPIN` while `ready` says nothing can be done, trying `attempt` when
+    /// it says something can. Sleeping and being woken costs tens of microseconds on a
+    /// virtual machine (a futex round trip), far more than the next pop or push of a peer
+    /// that is keeping up, so a short spin first saves both sides the system calls.
+    fn spin<T>(
+        &self,
+        ready: impl Fn(&Ring<'_>) -> bool,
+        mut attempt: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        let spin_until = Instant::now() + SPIN;
+        let ring = self.ring();
+        while Instant::now() < spin_until {
+            if ready(&ring) {
+                if let Some(value) = attempt()? {
+                    return Ok(Some(value));
+                }
+            }
+            std::hint::spin_loop();
+        }
+        Ok(None)
+    }
+
+    /// A full ring: spin briefly for a consumer to make room (see `spin`).
+    fn spin_until_pushed(&self, entry: Entry) -> Result<bool> {
+        Ok(self
+            .spin(
+                |ring| !ring.is_full(),
+                || Ok(self.try_push(entry)?.then_some(())),
+            )?
+            .is_some())
     }
 
     fn try_push(&self, entry: Entry) -> Result<bool> {
@@ -574,15 +607,8 @@ impl Channel {
         if !block {
             return Err(Error::Empty("channel is empty".into()));
         }
-        let spin_until = Instant::now() + SPIN;
-        let ring = self.ring();
-        while Instant::now() < spin_until {
-            if !ring.is_empty() {
-                if let Some(received) = self.try_pop()? {
-                    return Ok(received);
-                }
-            }
-            std::hint::spin_loop();
+        if let Some(received) = self.spin(|ring| !ring.is_empty(), || self.try_pop())? {
+            return Ok(received);
         }
         let ring_state = &self.control().ring;
         let received = self.wait_until(

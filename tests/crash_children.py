@@ -74,3 +74,18 @@ def create_and_hold(report_path: str, ready) -> None:
 
 def pid() -> int:
     return os.getpid()
+
+
+def drop_inherited_views_then_use_endpoints(box, tx, rx) -> int:
+    """In a fork child: drop the views inherited from the parent (their memory is the
+    parent's to release), then send and receive a message of this process's own."""
+    import gc
+
+    box.clear()
+    gc.collect()
+    tx.put(np.full(1 << 20, 5, np.uint8), timeout=30)
+    own = rx.get(timeout=30)
+    total = int(own.sum())
+    del own
+    gc.collect()
+    return total

@@ -210,3 +210,23 @@ def test_a_full_small_shm_dir_is_an_error_not_sigbus(small_tmpfs, monkeypatch):
     assert os.listdir(small_tmpfs) == [], "segment files must be unlinked at once"
     del tx, rx
     gc.collect()
+
+
+def test_fork_child_dropping_inherited_views_releases_nothing():
+    """Issue 4, item 6: views inherited through fork never release the parent's memory,
+    and the child can use the inherited endpoints."""
+    tx, rx = tensorslab.channel()
+    tx.put(np.arange(1 << 20))
+    box = [rx.get(timeout=10)]
+    held_bytes = rx.stats()["slab_used_bytes"]
+    assert held_bytes > 0
+    body = crash_children.drop_inherited_views_then_use_endpoints
+    with Child("fork", body, box, tx, rx) as child:
+        assert child.join() == 5 << 20
+    # The child dropped its copy of the view and released its own message: the parent's
+    # message is still held, and intact.
+    assert rx.stats()["slab_used_bytes"] == held_bytes
+    assert np.array_equal(box[0], np.arange(1 << 20))
+    box.clear()
+    gc.collect()
+    assert rx.stats()["slab_used_bytes"] == 0

@@ -250,3 +250,31 @@ fn reclaim_skips_a_block_still_in_the_ring() {
     assert_eq!(take(&channel).unwrap(), b"not yet taken");
     assert_eq!(channel.shared_stats().used_blocks, 0);
 }
+
+#[test]
+fn another_abi_version_is_refused_with_a_clear_error() {
+    let channel = channel(2, 4 << 20);
+    let control = channel.slab().control_segment();
+    assert!(validate(control, channel.id()).is_ok());
+    channel
+        .control()
+        .abi_version
+        .store(ABI_VERSION + 1, Ordering::Relaxed);
+    let error = validate(control, channel.id()).unwrap_err();
+    assert!(matches!(error, Error::Incompatible(_)), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("version {}", ABI_VERSION + 1)),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("same tensorslab version"),
+        "{error}"
+    );
+    channel
+        .control()
+        .abi_version
+        .store(ABI_VERSION, Ordering::Relaxed);
+    assert!(validate(control, channel.id()).is_ok());
+}
