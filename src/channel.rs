@@ -17,7 +17,7 @@ mod watcher;
 pub use registry::{after_fork_in_child, after_fork_in_parent, before_fork};
 pub use ticket::Ticket;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -77,7 +77,9 @@ pub struct Channel {
     /// In a fork child: whether every inherited handle counts here (a bare `os.fork`), or
     /// only those handed to the new process and those it uses (see `registry`).
     counts_inherited: AtomicBool,
-    last_reap: Mutex<Instant>,
+    /// When this process last looked for dead peers (`monotonic_millis`). An atomic, not a
+    /// `Mutex`, so a fork child never inherits it locked.
+    last_reap: AtomicU64,
     /// Per segment: seen mapped by another live process (see `wait_until_held_elsewhere`).
     held_elsewhere: Vec<AtomicBool>,
 }
@@ -254,7 +256,7 @@ impl Channel {
             pid: AtomicU32::new(current_pid()),
             fork_pending: AtomicU64::new(0),
             counts_inherited: AtomicBool::new(false),
-            last_reap: Mutex::new(Instant::now()),
+            last_reap: AtomicU64::new(0),
             held_elsewhere: (0..layout::MAX_SEGMENTS)
                 .map(|_| AtomicBool::new(false))
                 .collect(),

@@ -17,7 +17,6 @@
 //! A producer waiting for memory is such a blocked peer, so memory held by a dead consumer
 //! returns at the latest when a producer needs it, and usually ~100 ms after the death.
 use std::collections::HashSet;
-use std::time::Instant;
 
 use super::{Channel, REAP_INTERVAL};
 use crate::header::frame_buffers;
@@ -30,13 +29,17 @@ use crate::sync::Ordering;
 impl Channel {
     /// Notices peers that died without closing (rate-limited).
     pub fn reap_if_due(&self) {
-        let Ok(mut last) = self.last_reap.try_lock() else {
-            return;
-        };
-        if last.elapsed() < REAP_INTERVAL {
+        let now = monotonic_millis();
+        let last = self.last_reap.load(Ordering::Relaxed);
+        // Relaxed: the stamp only rate-limits; whoever wins the exchange does the reaping.
+        if now.saturating_sub(last) < REAP_INTERVAL.as_millis() as u64
+            || self
+                .last_reap
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
             return;
         }
-        *last = Instant::now();
         self.control().reap_dead(|dead| self.reclaim(dead));
     }
 
@@ -84,4 +87,13 @@ impl Channel {
             }
         }
     }
+}
+
+/// Milliseconds of `CLOCK_MONOTONIC` (shared by every thread, unaffected by fork).
+fn monotonic_millis() -> u64 {
+    // SAFETY: `timespec` is plain old data that clock_gettime fills.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and a pointer to a live `timespec`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
 }

@@ -122,6 +122,7 @@ pub fn after_fork_in_child(count_inherited: bool, adopt: impl FnOnce()) {
         let control_fd = channel.slab.control_segment().raw_fd();
         match control.claim_slot(me, control_fd) {
             Ok(slot) => {
+                channel.slab.after_fork_in_child();
                 channel.slab.set_slot(slot);
                 channel.slab.publish_mapped_segments();
                 channel.pid.store(current_pid(), Ordering::Relaxed);

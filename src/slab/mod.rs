@@ -18,7 +18,7 @@ pub mod block;
 mod freelist;
 mod walk;
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::layout::{ControlBlock, HeapState, LockWord, MAX_SEGMENTS};
@@ -58,7 +58,10 @@ fn segment_len(size: usize, index: usize, first: u64, mapped: u64, room: usize) 
 pub struct Slab {
     control: Arc<Segment>,
     segments: Vec<OnceLock<Segment>>,
-    attaching: Mutex<()>,
+    /// Serialises mapping segments in this process. Not a `Mutex`: the watcher thread may
+    /// hold it when another thread forks, and a fork child (where that thread does not
+    /// exist) must be able to take it back (`after_fork_in_child`).
+    attaching: std::sync::atomic::AtomicBool,
     backing: Backing,
     channel_id: u64,
     /// This process's slot (changes in a fork child).
@@ -74,12 +77,41 @@ pub struct Allocation {
     pub capacity: usize,
 }
 
+/// Holds `Slab::attaching` (a flag lock: attaching takes milliseconds, so waiters sleep).
+struct AttachGuard<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> AttachGuard<'a> {
+    fn take(flag: &'a std::sync::atomic::AtomicBool) -> AttachGuard<'a> {
+        // Acquire: pairs with the Release in `drop`, so the previous holder's OnceLock
+        // initialisation is visible.
+        while flag
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        AttachGuard(flag)
+    }
+}
+
+impl Drop for AttachGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 impl Slab {
+    /// In a fork child: frees the attach lock, which a thread of the parent that does not
+    /// exist here may have held at the fork.
+    pub fn after_fork_in_child(&self) {
+        self.attaching.store(false, Ordering::Release);
+    }
+
     pub fn new(control: Arc<Segment>, backing: Backing, channel_id: u64, slot: u16) -> Slab {
         Slab {
             control,
             segments: (0..MAX_SEGMENTS).map(|_| OnceLock::new()).collect(),
-            attaching: Mutex::new(()),
+            attaching: std::sync::atomic::AtomicBool::new(false),
             backing,
             channel_id,
             slot: AtomicU32::new(u32::from(slot)),
@@ -196,10 +228,7 @@ impl Slab {
         if let Some(segment) = cell.get() {
             return Ok(segment);
         }
-        let _serial = self
-            .attaching
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
+        let _serial = AttachGuard::take(&self.attaching);
         if let Some(segment) = cell.get() {
             return Ok(segment);
         }
