@@ -18,27 +18,12 @@ pub const MAX_SLEEP: Duration = Duration::from_millis(50);
 /// Returns on wake-up, timeout, signal or a value mismatch alike: callers re-check.
 #[cfg(not(loom))]
 pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let timeout = timeout.min(MAX_SLEEP);
-    let spec = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: `word` is a live, 4-byte aligned atomic for the duration of the call; the
-    // kernel only reads it. The timespec outlives the call. Errors (EAGAIN on mismatch,
-    // EINTR, ETIMEDOUT) all mean "re-check", so the result is ignored on purpose.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            &spec as *const libc::timespec,
-        );
-    }
+    futex_wait_address(word.as_ptr() as usize, expected, timeout.min(MAX_SLEEP));
 }
 
 /// [`futex_wait`] on a raw address that may no longer be mapped (the kernel then answers
-/// EFAULT; nothing is dereferenced here). For waiters that must not hold the memory alive.
+/// EFAULT; nothing is dereferenced here), for at most `timeout` (capped at one second).
+/// For waiters that must not hold the memory alive.
 #[cfg(not(loom))]
 pub fn futex_wait_address(address: usize, expected: u32, timeout: Duration) {
     let timeout = timeout.min(Duration::from_secs(1));
@@ -47,7 +32,8 @@ pub fn futex_wait_address(address: usize, expected: u32, timeout: Duration) {
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
     // SAFETY: the kernel validates `address` itself (EFAULT if unmapped) and only reads the
-    // 4-byte word; the timespec outlives the call. The result means "re-check" either way.
+    // 4-byte word; the timespec outlives the call. Errors (EAGAIN on mismatch, EINTR,
+    // ETIMEDOUT, EFAULT) all mean "re-check", so the result is ignored on purpose.
     unsafe {
         libc::syscall(
             libc::SYS_futex,
@@ -57,11 +43,6 @@ pub fn futex_wait_address(address: usize, expected: u32, timeout: Duration) {
             &spec as *const libc::timespec,
         );
     }
-}
-
-#[cfg(loom)]
-pub fn futex_wait_address(_address: usize, _expected: u32, _timeout: Duration) {
-    loom::thread::yield_now();
 }
 
 /// Wakes up to `count` processes sleeping on `word`.
