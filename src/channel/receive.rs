@@ -1,0 +1,126 @@
+//! Receiving: taking a message off the ring (spinning, then sleeping), releasing it when
+//! its last view is gone, and counting acknowledgements for its sender.
+
+use super::*;
+
+impl Channel {
+    /// Takes the next message, waiting while `deadline` allows.
+    pub fn receive(
+        &self,
+        block: bool,
+        deadline: Deadline,
+        interrupt: Interrupt,
+    ) -> Result<Received> {
+        if let Some(received) = self.try_pop()? {
+            return Ok(received);
+        }
+        if self.open_count(Side::Sender) == 0 {
+            return self.try_pop()?.ok_or_else(closed_by_senders);
+        }
+        if !block {
+            return Err(Error::Empty("channel is empty".into()));
+        }
+        if let Some(received) = self.spin(|ring| !ring.is_empty(), || self.try_pop())? {
+            return Ok(received);
+        }
+        let ring_state = &self.control().ring;
+        let received = self.wait_until(
+            &ring_state.pushed,
+            &ring_state.consumers_waiting,
+            deadline,
+            interrupt,
+            || {
+                if let Some(received) = self.try_pop()? {
+                    return Ok(Some(received));
+                }
+                if self.open_count(Side::Sender) == 0 {
+                    return self.try_pop()?.map(Some).ok_or_else(closed_by_senders);
+                }
+                Ok(None)
+            },
+        )?;
+        received.ok_or_else(|| Error::Empty("no message arrived before the timeout".into()))
+    }
+
+    pub(super) fn try_pop(&self) -> Result<Option<Received>> {
+        let control = self.control();
+        let entry = {
+            let _guard = self.slab.lock(&control.ring_lock);
+            let ring = self.ring();
+            let Some(entry) = ring.peek() else {
+                return Ok(None);
+            };
+            // Owner recorded under the ring lock and before `head` moves: if this process
+            // dies at any point here, `reclaim` finds the block either still in the ring or
+            // owned by us, never neither.
+            if let Ok(header) = self.slab.header(SlabRef(entry.block)) {
+                header
+                    .owner
+                    .store(owner_word(OWNER_RECEIVER, self.slot()), Ordering::Relaxed);
+            }
+            ring.pop();
+            entry
+        };
+        // SeqCst: pairs with the SeqCst waiter registration in `wait_until`.
+        control.ring.popped.fetch_add(1, Ordering::SeqCst);
+        if control.ring.producers_waiting.load(Ordering::SeqCst) > 0 {
+            futex_wake(&control.ring.popped, 1);
+        }
+        let block = SlabRef(entry.block);
+        let (header, address, _) = self.slab.content(block)?;
+        let len = header.content_len.load(Ordering::Relaxed) as usize;
+        Ok(Some(Received {
+            block,
+            address,
+            len,
+        }))
+    }
+
+    /// Frees a received message's block once its last view is gone, and counts the
+    /// acknowledgement for its sender.
+    pub fn release_message(&self, block: SlabRef) {
+        if !self.owned_here() {
+            return;
+        }
+        if let Ok(Some(origin)) = self.slab.release(block) {
+            self.uncount_outstanding(origin);
+        }
+    }
+
+    pub(super) fn uncount_outstanding(&self, origin: u16) {
+        let Some(slot) = self.control().processes.get(usize::from(origin)) else {
+            return;
+        };
+        let _ = slot
+            .outstanding
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+        // SeqCst: pairs with the SeqCst waiter registration in `wait_for_all_ack`.
+        slot.acked.fetch_add(1, Ordering::SeqCst);
+        if slot.ack_waiters.load(Ordering::SeqCst) > 0 {
+            futex_wake(&slot.acked, i32::MAX);
+        }
+    }
+
+    /// Waits until every message this process put has been released by its receiver.
+    /// False on timeout, or when no receiver is left to release them.
+    pub fn wait_for_all_ack(&self, deadline: Deadline, interrupt: Interrupt) -> Result<bool> {
+        let slot = &self.control().processes[usize::from(self.slot())];
+        let done = || slot.outstanding.load(Ordering::Acquire) == 0;
+        if done() {
+            return Ok(true);
+        }
+        let result =
+            self.wait_until(&slot.acked, &slot.ack_waiters, deadline, interrupt, || {
+                if done() {
+                    return Ok(Some(true));
+                }
+                if self.open_count(Side::Receiver) == 0 && !self.ring().is_empty() {
+                    return Ok(Some(false));
+                }
+                Ok(None)
+            })?;
+        Ok(result.unwrap_or(false))
+    }
+}

@@ -1,0 +1,215 @@
+//! Sending: allocating a block (waiting for memory), publishing it on the ring (waiting
+//! for room), and the `alloc` buffers that messages reference.
+use std::time::{Duration, Instant};
+
+use super::*;
+
+impl Channel {
+    pub(super) fn ensure_receivers(&self) -> Result<()> {
+        if self.open_count(Side::Receiver) == 0 {
+            return Err(Error::Closed(
+                "every receiver of this channel has closed or exited".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Allocates a block for a frame of `len` bytes, waiting for memory while `deadline`
+    /// allows. `block == false` fails at once instead of waiting.
+    pub fn begin_put(
+        &self,
+        len: usize,
+        block: bool,
+        deadline: Deadline,
+        interrupt: Interrupt,
+    ) -> Result<Allocation> {
+        self.ensure_receivers()?;
+        if !block && self.ring().is_full() {
+            return Err(self.ring_full_error());
+        }
+        self.allocate(len, OWNER_SENDER, block, deadline, interrupt)
+    }
+
+    /// A buffer for `Sender.alloc`: a block the caller fills in place.
+    pub fn allocate_buffer(
+        &self,
+        len: usize,
+        deadline: Deadline,
+        interrupt: Interrupt,
+    ) -> Result<Allocation> {
+        self.allocate(len, OWNER_ALLOC, true, deadline, interrupt)
+    }
+
+    pub(super) fn allocate(
+        &self,
+        len: usize,
+        kind: u64,
+        block: bool,
+        deadline: Deadline,
+        interrupt: Interrupt,
+    ) -> Result<Allocation> {
+        let owner = owner_word(kind, self.slot());
+        let allocation = match self.slab.allocate(len, owner)? {
+            Some(allocation) => allocation,
+            None if !block => return Err(self.slab_full_error(len)),
+            None => {
+                let heap = &self.control().heap;
+                let result = self.wait_until(
+                    &heap.freed,
+                    &heap.space_waiters,
+                    deadline,
+                    interrupt,
+                    || {
+                        self.ensure_receivers()?;
+                        self.slab.allocate(len, owner)
+                    },
+                )?;
+                result.ok_or_else(|| self.slab_full_error(len))?
+            }
+        };
+        if let Err(error) = self.wait_until_held_elsewhere(allocation.block.segment(), interrupt) {
+            let _ = self.slab.release(allocation.block);
+            return Err(error);
+        }
+        Ok(allocation)
+    }
+
+    /// Waits (briefly, once per new segment) until another live process maps segment
+    /// `index`, so what we publish in it survives if we die. Peers' watchers map a new
+    /// segment within microseconds to milliseconds; one that never does (stopped with
+    /// SIGSTOP) delays us by at most `HELD_ELSEWHERE_WAIT`, after which we go on.
+    pub(super) fn wait_until_held_elsewhere(
+        &self,
+        index: usize,
+        interrupt: Interrupt,
+    ) -> Result<()> {
+        let held = &self.held_elsewhere[index];
+        if held.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        while !self.slab.held_elsewhere(index) && self.slab.has_peers() {
+            if started.elapsed() > HELD_ELSEWHERE_WAIT {
+                return Ok(());
+            }
+            interrupt()?;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        held.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Publishes a filled block; waits for room in the ring while `deadline` allows. On
+    /// error the block is still the caller's (release it with `abort_put`).
+    pub fn publish(
+        &self,
+        allocation: &Allocation,
+        block: bool,
+        deadline: Deadline,
+        interrupt: Interrupt,
+    ) -> Result<()> {
+        let entry = Entry {
+            block: allocation.block.0,
+            origin: u32::from(self.slot()),
+        };
+        if let Ok(header) = self.slab.header(allocation.block) {
+            header
+                .owner
+                .store(owner_word(OWNER_QUEUED, self.slot()), Ordering::Relaxed);
+        }
+        // Counted before the push: a fast receiver may release it before we return.
+        let slot = &self.control().processes[usize::from(self.slot())];
+        slot.outstanding.fetch_add(1, Ordering::Relaxed);
+        let pushed = self.try_push(entry)? || (block && self.spin_until_pushed(entry)?);
+        let pushed = if pushed {
+            true
+        } else if block {
+            let ring_state = &self.control().ring;
+            self.wait_until(
+                &ring_state.popped,
+                &ring_state.producers_waiting,
+                deadline,
+                interrupt,
+                || {
+                    self.ensure_receivers()?;
+                    Ok(self.try_push(entry)?.then_some(()))
+                },
+            )
+            .inspect_err(|_| self.uncount_outstanding(self.slot()))?
+            .is_some()
+        } else {
+            false
+        };
+        if !pushed {
+            self.uncount_outstanding(self.slot());
+            return Err(self.ring_full_error());
+        }
+        Ok(())
+    }
+
+    /// Spins for up to `SPIN` while `ready` says nothing can be done, trying `attempt` when
+    /// it says something can. Sleeping and being woken costs tens of microseconds on a
+    /// virtual machine (a futex round trip), far more than the next pop or push of a peer
+    /// that is keeping up, so a short spin first saves both sides the system calls.
+    pub(super) fn spin<T>(
+        &self,
+        ready: impl Fn(&Ring<'_>) -> bool,
+        mut attempt: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        let spin_until = Instant::now() + SPIN;
+        let ring = self.ring();
+        while Instant::now() < spin_until {
+            if ready(&ring) {
+                if let Some(value) = attempt()? {
+                    return Ok(Some(value));
+                }
+            }
+            std::hint::spin_loop();
+        }
+        Ok(None)
+    }
+
+    /// A full ring: spin briefly for a consumer to make room (see `spin`).
+    pub(super) fn spin_until_pushed(&self, entry: Entry) -> Result<bool> {
+        Ok(self
+            .spin(
+                |ring| !ring.is_full(),
+                || Ok(self.try_push(entry)?.then_some(())),
+            )?
+            .is_some())
+    }
+
+    pub(super) fn try_push(&self, entry: Entry) -> Result<bool> {
+        let control = self.control();
+        let pushed = {
+            let _guard = self.slab.lock(&control.ring_lock);
+            self.ring().push(entry)
+        };
+        if pushed {
+            // SeqCst: pairs with the SeqCst waiter registration in `wait_until`.
+            control.ring.pushed.fetch_add(1, Ordering::SeqCst);
+            if control.ring.consumers_waiting.load(Ordering::SeqCst) > 0 {
+                futex_wake(&control.ring.pushed, 1);
+            }
+        }
+        Ok(pushed)
+    }
+
+    /// Gives back a block whose put failed.
+    pub fn abort_put(&self, allocation: &Allocation) {
+        let _ = self.slab.release(allocation.block);
+    }
+
+    /// Adds a holder to an `alloc` buffer that a message references.
+    pub fn retain_buffer(&self, block: SlabRef) -> Result<()> {
+        self.slab.retain(block)
+    }
+
+    /// Drops a holder of an `alloc` buffer (its view died, or a message referencing it was
+    /// released).
+    pub fn release_buffer(&self, block: SlabRef) {
+        if self.owned_here() {
+            let _ = self.slab.release(block);
+        }
+    }
+}
