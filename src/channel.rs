@@ -378,6 +378,17 @@ impl Channel {
         self.slab.control_segment().identity()
     }
 
+    /// This process's attachment of channel `id`, if it has one.
+    pub fn find_attached(id: u64) -> Option<Arc<Channel>> {
+        registry::find(id)
+    }
+
+    /// Withdraws a ticket this process issued that will never be redeemed. False if it was
+    /// redeemed (or withdrawn) already.
+    pub fn cancel_ticket(&self, ticket: &Ticket) -> bool {
+        self.control().redeem_pending(ticket.pending)
+    }
+
     /// Opens the handle a ticket carries in this process and redeems its pending entry.
     pub fn redeem(&self, ticket: &Ticket) {
         self.open_handle(ticket.side);

@@ -89,3 +89,9 @@ def drop_inherited_views_then_use_endpoints(box, tx, rx) -> int:
     del own
     gc.collect()
     return total
+
+
+def put_three(tx) -> None:
+    for i in range(3):
+        tx.put(i, timeout=30)
+    tx.close()

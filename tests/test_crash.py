@@ -230,3 +230,30 @@ def test_fork_child_dropping_inherited_views_releases_nothing():
     box.clear()
     gc.collect()
     assert rx.stats()["slab_used_bytes"] == 0
+
+
+def test_children_killed_before_loading_their_handle_do_not_hold_the_channel():
+    """A spawn child killed before it unpickles its sender leaves a ticket nobody will
+    redeem; it must be withdrawn, or 128 such deaths would exhaust the pending table and
+    the channel would never close. 150 are killed here."""
+    ctx = mp.get_context("spawn")
+    tx, rx = tensorslab.channel()
+    for _ in range(150):
+        process = ctx.Process(target=crash_children.put_three, args=(tx,))
+        process.start()
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(30)
+    survivor = ctx.Process(target=crash_children.put_three, args=(tx,))
+    survivor.start()
+    tx.close()
+    assert drain_values(rx) == [0, 1, 2]
+    survivor.join(30)
+
+
+def drain_values(rx) -> list:
+    values = []
+    while True:
+        try:
+            values.append(rx.get(timeout=60))
+        except tensorslab.Closed:
+            return values

@@ -14,8 +14,10 @@ inside ``os.fork()`` called from ``multiprocessing.popen_fork.Popen._launch``. A
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Any
 
+from . import _tensorslab
 from ._tensorslab import Receiver, Sender
 
 # How far into the Process's attributes to look for handles (containers and objects).
@@ -67,3 +69,46 @@ def handed_to_child() -> list[Sender | Receiver] | None:
     if process is None:
         return None
     return handles_in(process)
+
+
+# --- tickets handed to spawn and forkserver children ---------------------------------------
+#
+# A pickled handle (a ticket) counts as open until it is loaded, so a channel cannot close
+# between `Process.start()` and the child attaching. A child killed before it loads its
+# arguments would keep its ticket pending forever (and a pending slot: there are 128). When
+# the ticket is pickled for a `multiprocessing` child, its `Popen` is remembered; once that
+# child has exited, its ticket is cancelled (a no-op if the child did load it).
+
+_tickets: list[tuple[weakref.ref, bytes]] = []
+
+
+def _popen_being_launched() -> Any | None:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_launch" and "self" in frame.f_locals:
+            if frame.f_globals.get("__name__", "").startswith("multiprocessing.popen_"):
+                return frame.f_locals["self"]
+        frame = frame.f_back
+    return None
+
+
+def ticket_issued(state: bytes) -> None:
+    """Called by the extension after pickling a handle."""
+    popen = _popen_being_launched()
+    if popen is not None:
+        _tickets.append((weakref.ref(popen), state))
+
+
+def sweep_tickets() -> None:
+    """Cancels the tickets of children that exited (called before each new pickling)."""
+    keep = []
+    for ref, state in _tickets:
+        popen = ref()
+        # A Popen that is gone was joined: its child exited. One whose pid is still unset
+        # is being launched right now.
+        launched = popen is not None and getattr(popen, "pid", None) is not None
+        if popen is None or (launched and popen.poll() is not None):
+            _tensorslab._drop_ticket(state)
+        else:
+            keep.append((ref, state))
+    _tickets[:] = keep

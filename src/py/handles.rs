@@ -114,11 +114,17 @@ impl Handle {
         }
     }
 
+    /// Pickles the handle as a ticket. Tickets handed to `multiprocessing` children are
+    /// tracked in Python (`_fork.py`) so that those of children that exited without loading
+    /// them are cancelled, instead of holding the channel open and a pending slot forever.
     fn reduce<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         let channel = self.open()?;
+        let tracking = py.import("tensorslab._fork")?;
+        tracking.call_method0("sweep_tickets")?;
         let ticket = channel.ticket(self.side)?;
         let rebuild = py.import("tensorslab._tensorslab")?.getattr("_rebuild")?;
         let state = PyBytes::new(py, &ticket.to_bytes());
+        tracking.call_method1("ticket_issued", (&state,))?;
         PyTuple::new(py, [rebuild, PyTuple::new(py, [state])?.into_any()])
     }
 
@@ -579,6 +585,15 @@ pub fn loads<'py>(
     }
     let area = &frame[header.payload_offset as usize..];
     Decoder::new(py, input, area, Mode::Copy, None, allow_pickle)?.message()
+}
+
+/// Cancels a ticket this process issued that will never be loaded (its child exited):
+/// the handle it carried stops counting. False if it was already redeemed or dropped.
+#[pyfunction]
+pub fn _drop_ticket(state: &[u8]) -> PyResult<bool> {
+    let ticket = Ticket::from_bytes(state)?;
+    Ok(Channel::find_attached(ticket.channel_id)
+        .is_some_and(|channel| channel.cancel_ticket(&ticket)))
 }
 
 #[pyfunction]

@@ -24,6 +24,7 @@ fn _tensorslab(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(handles::dumps, m)?)?;
     m.add_function(wrap_pyfunction!(handles::loads, m)?)?;
     m.add_function(wrap_pyfunction!(handles::_rebuild, m)?)?;
+    m.add_function(wrap_pyfunction!(handles::_drop_ticket, m)?)?;
     m.add_function(wrap_pyfunction!(handles::_before_fork, m)?)?;
     m.add_function(wrap_pyfunction!(handles::_after_fork_in_parent, m)?)?;
     m.add_function(wrap_pyfunction!(handles::_after_fork_in_child, m)?)?;
