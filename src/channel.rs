@@ -29,7 +29,7 @@ use crate::procs::Side;
 use crate::ring::{Entry, Ring};
 use crate::shm::{current_pid, format_bytes, Backing, FileIdentity, ProcessId, Segment};
 use crate::slab::block::{owner_word, OWNER_ALLOC, OWNER_QUEUED, OWNER_RECEIVER, OWNER_SENDER};
-use crate::slab::{Allocation, Slab, SlabRef};
+use crate::slab::{origin_word, Allocation, Slab, SlabRef};
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use crate::wait::{futex_wait, futex_wake, Deadline, Interrupt};
 use std::sync::atomic::AtomicBool;
@@ -111,6 +111,8 @@ pub struct SharedStats {
     pub senders: u32,
     pub receivers: u32,
     pub outstanding: u64,
+    /// Pids of the processes attached now (dead ones until they are reaped).
+    pub processes: Vec<u32>,
 }
 
 fn side_index(side: Side) -> usize {
@@ -198,9 +200,9 @@ impl Channel {
             // Map the first segment now, so the first put does not pay for it.
             if let Some(allocation) = channel
                 .slab
-                .allocate(0, owner_word(OWNER_SENDER, channel.slot()))?
+                .allocate(0, owner_word(OWNER_SENDER, channel.slab.slot_id()))?
             {
-                channel.slab.release(allocation.block)?;
+                channel.slab.free_message(allocation.block)?;
             }
         }
         Ok(channel)
@@ -250,9 +252,9 @@ impl Channel {
         let control = Arc::new(control);
         // SAFETY: validated (or just initialised) control block inside a live mapping.
         let block = unsafe { &*control.base().cast::<ControlBlock>() };
-        let slot = block.claim_slot(ProcessId::current(), control_fd)?;
+        let slot = block.claim_slot(current_process()?, control_fd)?;
         let channel = Arc::new(Channel {
-            slab: Slab::new(control, backing, id, slot),
+            slab: Slab::new(control, backing, id, slot, crate::header::frame_buffer_refs),
             id,
             control_len,
             local: [AtomicU32::new(0), AtomicU32::new(0)],
@@ -351,7 +353,8 @@ impl Channel {
             Side::Sender => (1, 0),
             Side::Receiver => (0, 1),
         };
-        let pending = control.add_pending(self.slot(), senders, receivers, random_u64() as u32)?;
+        let pending =
+            control.add_pending(self.slab.slot_id(), senders, receivers, random_u64() as u32)?;
         let mut candidates = vec![];
         let me = usize::from(self.slot());
         let own = &control.processes[me];
@@ -386,17 +389,25 @@ impl Channel {
     /// Withdraws a ticket this process issued that will never be redeemed. False if it was
     /// redeemed (or withdrawn) already.
     pub fn cancel_ticket(&self, ticket: &Ticket) -> bool {
-        self.control().redeem_pending(ticket.pending)
+        self.control().withdraw_pending(ticket.pending)
     }
 
     /// Opens the handle a ticket carries in this process and redeems its pending entry.
     pub fn redeem(&self, ticket: &Ticket) {
-        self.open_handle(ticket.side);
-        self.control().redeem_pending(ticket.pending);
+        self.control()
+            .redeem_pending(ticket.pending, self.slab.slot_id(), || {
+                self.open_handle(ticket.side)
+            });
     }
 
+    /// Open handles on `side`, over every process (pending ones included).
     pub fn open_count(&self, side: Side) -> u32 {
-        self.control().handles.open(side)
+        self.control().open(side)
+    }
+
+    /// True when any handle on `side` is open (cheaper than `open_count`).
+    pub fn any_open(&self, side: Side) -> bool {
+        self.control().any_open(side)
     }
 
     // ---- waiting ----
@@ -431,6 +442,19 @@ impl Channel {
             self.reap_if_due();
         }
     }
+}
+
+/// This process's identity, to claim a slot with.
+fn current_process() -> Result<ProcessId> {
+    ProcessId::current().map_err(|error| {
+        Error::os(
+            format!(
+                "cannot read this process's start time from /proc/{}/stat (needed to join a channel)",
+                current_pid()
+            ),
+            error,
+        )
+    })
 }
 
 fn closed_by_senders() -> Error {
@@ -473,7 +497,7 @@ impl Drop for Channel {
     fn drop(&mut self) {
         registry::remove(self.id);
         if self.owned_here() {
-            self.control().release_slot(self.slot());
+            self.control().release_slot(self.slab.slot_id());
         }
     }
 }

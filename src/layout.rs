@@ -12,8 +12,13 @@
 use crate::sync::{AtomicI32, AtomicU32, AtomicU64};
 
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TSLBCTL\0");
-/// Bumped whenever the layout of anything in shared memory changes.
-pub const ABI_VERSION: u32 = 1;
+/// Bumped whenever the layout or the meaning of anything in shared memory changes. Offsets
+/// are never read from the header: a process only attaches a control block whose version
+/// (and `header_size`) equals its own, so its own struct layout is the layout.
+///
+/// Version 2: slot generations in owner words, lock words and pending entries; handle
+/// totals derived from the slots; `alloc` references counted under the heap lock.
+pub const ABI_VERSION: u32 = 2;
 
 /// Process slots: how many processes may use one channel at the same time.
 pub const MAX_PROCESSES: usize = 256;
@@ -51,7 +56,7 @@ pub struct RingState {
 pub struct Cell {
     /// `SlabRef` of the message's block.
     pub block: AtomicU64,
-    /// Process slot of the sender, for acknowledgement accounting.
+    /// Process slot of the sender (`generation:16 | slot:16`), for acknowledgements.
     pub origin: AtomicU32,
     pub _reserved: AtomicU32,
 }
@@ -88,7 +93,7 @@ pub struct HeapState {
 /// A process using the channel.
 #[repr(C)]
 pub struct ProcessSlot {
-    /// `generation << 32 | pid`; pid 0 = free. Claimed by CAS.
+    /// `generation:32 | phase:2 | pid:30` (see `procs`); pid 0 = free. Claimed by CAS.
     pub state: AtomicU64,
     pub start_time: AtomicU64,
     pub senders: AtomicU32,
@@ -106,17 +111,18 @@ pub struct ProcessSlot {
     pub _reserved: [AtomicU64; 4],
 }
 
-/// Who holds the channel open.
+/// Who holds the channel open. Open handles are counted per slot (`ProcessSlot::senders`,
+/// `receivers`) and in the pending cells; totals are sums, never stored (see `procs`).
 #[repr(C)]
 pub struct HandleState {
-    /// Live sender handles over all processes, plus pending ones (pickled, or inherited by a
-    /// fork child that has not registered yet).
-    pub senders: AtomicU32,
-    pub receivers: AtomicU32,
     /// Bumped on every close / registration; lets waiters notice changes.
     pub changed: AtomicU32,
-    pub _pad: AtomicU32,
-    /// `token:32 | senders:8 | receivers:8 | slot:16`; 0 = empty.
+    /// One past the highest slot index ever claimed: scans stop there.
+    pub slots_used: AtomicU32,
+    pub _reserved: [AtomicU32; 2],
+    /// Handles pickled (or inherited through fork) and not yet redeemed by their new
+    /// process: `redeeming:1 | token:23 | generation:8 | senders:8 | receivers:8 | slot:16`
+    /// (see `procs::pending`); 0 = empty.
     pub pending: [AtomicU64; MAX_PENDING],
 }
 

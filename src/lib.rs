@@ -13,6 +13,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod error;
+#[macro_use]
+pub mod failpoint;
 pub mod header;
 
 #[cfg(feature = "python")]

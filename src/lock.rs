@@ -1,10 +1,13 @@
 //! A lock word in shared memory that knows which process holds it.
 //!
-//! State (32 bits): `0` = free; otherwise `holder_slot + 1` in the low 16 bits and
-//! [`CONTENDED`] set when someone may be sleeping on it. Critical sections are short
-//! (index updates, free-list surgery, never a payload copy), so a waiter spins briefly and
-//! then sleeps on the futex. Because the holder's process slot is recorded, a waiter can
-//! tell that the holder died (see `Channel::recover`) instead of waiting forever.
+//! State (32 bits): `0` = free; otherwise the holder: `holder_slot + 1` in the low 16 bits
+//! and the low 15 bits of the slot's generation above them, with [`CONTENDED`] set when
+//! someone may be sleeping on it. Critical sections are short (index updates, free-list
+//! surgery, never a payload copy), so a waiter spins briefly and then sleeps on the futex.
+//! Because the holder is recorded, a waiter can tell that it died (see `Slab::lock`)
+//! instead of waiting forever; the generation makes sure the process judged dead is the
+//! one that took the lock, not a new process that has since claimed the same slot (ABA),
+//! and [`LockWord::force_release`] only frees the exact holder value that was judged.
 use std::time::Duration;
 
 use crate::layout::LockWord;
@@ -12,14 +15,41 @@ use crate::sync::{spin_hint, Ordering};
 use crate::wait::{futex_wait, futex_wake};
 
 const CONTENDED: u32 = 1 << 31;
-const HOLDER_MASK: u32 = 0xffff;
+const HOLDER_MASK: u32 = !CONTENDED;
+const SLOT_MASK: u32 = 0xffff;
+/// The bits of a slot generation a lock word keeps.
+pub const GENERATION_MASK: u32 = 0x7fff;
 const SPINS: u32 = 200;
 
+/// Who holds a lock: a slot and the low bits of its generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holder(u32);
+
+impl Holder {
+    pub fn new(slot: u16, generation: u32) -> Holder {
+        Holder((generation & GENERATION_MASK) << 16 | (u32::from(slot) + 1))
+    }
+
+    fn from_state(state: u32) -> Option<Holder> {
+        let holder = state & HOLDER_MASK;
+        (holder & SLOT_MASK != 0).then_some(Holder(holder))
+    }
+
+    pub fn slot(self) -> u16 {
+        ((self.0 & SLOT_MASK) - 1) as u16
+    }
+
+    /// The low bits ([`GENERATION_MASK`]) of the holder's slot generation.
+    pub fn generation(self) -> u32 {
+        self.0 >> 16 & GENERATION_MASK
+    }
+}
+
 impl LockWord {
-    /// Takes the lock for process slot `slot`. `stuck` runs every sleep interval with the
-    /// current holder's slot; it may break a dead holder's lock by calling [`force_release`].
-    pub fn lock(&self, slot: u16, mut stuck: impl FnMut(u16)) -> LockGuard<'_> {
-        let me = u32::from(slot) + 1;
+    /// Takes the lock for `me`. `stuck` runs every sleep interval with the current holder;
+    /// it may break a dead holder's lock by calling [`force_release`].
+    pub fn lock(&self, me: Holder, mut stuck: impl FnMut(Holder)) -> LockGuard<'_> {
+        let me = me.0;
         // Acquire on success: pairs with the Release in `LockGuard::drop`, so the previous
         // holder's writes to the protected state are visible.
         if self
@@ -66,16 +96,19 @@ impl LockWord {
             let after = self.state.load(Ordering::Relaxed);
             if after == (current | CONTENDED) {
                 // Still held by the same holder after a whole sleep: let the caller check it.
-                stuck(((after & HOLDER_MASK) - 1) as u16);
+                if let Some(holder) = Holder::from_state(after) {
+                    stuck(holder);
+                }
             }
         }
     }
 
-    /// Frees a lock whose holder is known dead. The caller must repair what the holder may
-    /// have left half-done before relying on the protected state.
-    pub fn force_release(&self, dead_slot: u16) -> bool {
+    /// Frees a lock held by `dead`, the exact holder judged dead; false if someone else
+    /// holds it by now. The caller must repair what the holder may have left half-done
+    /// before relying on the protected state.
+    pub fn force_release(&self, dead: Holder) -> bool {
         let current = self.state.load(Ordering::Relaxed);
-        if current & HOLDER_MASK != u32::from(dead_slot) + 1 {
+        if current & HOLDER_MASK != dead.0 {
             return false;
         }
         // Release: publishes nothing of ours, but keeps the same protocol as an unlock.
@@ -89,10 +122,9 @@ impl LockWord {
         released
     }
 
-    /// The slot holding the lock now, if any.
-    pub fn holder(&self) -> Option<u16> {
-        let current = self.state.load(Ordering::Relaxed) & HOLDER_MASK;
-        (current != 0).then(|| (current - 1) as u16)
+    /// Who holds the lock now, if anyone.
+    pub fn holder(&self) -> Option<Holder> {
+        Holder::from_state(self.state.load(Ordering::Relaxed))
     }
 }
 
@@ -128,7 +160,7 @@ mod tests {
                 let (word, counter) = (word.clone(), counter.clone());
                 std::thread::spawn(move || {
                     for _ in 0..20_000 {
-                        let _guard = word.lock(slot, |_| {});
+                        let _guard = word.lock(Holder::new(slot, 1), |_| {});
                         // Non-atomic read-modify-write made safe only by the lock.
                         let value = counter.load(Ordering::Relaxed);
                         counter.store(value + 1, Ordering::Relaxed);
@@ -148,14 +180,33 @@ mod tests {
         let word = LockWord {
             state: AtomicU32::new(0),
         };
-        std::mem::forget(word.lock(7, |_| {}));
-        assert_eq!(word.holder(), Some(7));
+        let dead = Holder::new(7, 3);
+        std::mem::forget(word.lock(dead, |_| {}));
+        assert_eq!(word.holder(), Some(dead));
         let mut seen = None;
-        let _guard = word.lock(1, |holder| {
+        let me = Holder::new(1, 1);
+        let _guard = word.lock(me, |holder| {
             seen = Some(holder);
             assert!(word.force_release(holder));
         });
-        assert_eq!(seen, Some(7));
-        assert_eq!(word.holder(), Some(1));
+        assert_eq!(seen, Some(dead));
+        assert_eq!(word.holder(), Some(me));
+    }
+
+    #[test]
+    fn only_the_exact_holder_judged_dead_is_broken() {
+        let word = LockWord {
+            state: AtomicU32::new(0),
+        };
+        // Slot 7 of generation 3 was judged dead, but the lock is now held by slot 7's new
+        // occupant (generation 4): breaking it would let two processes in (ABA).
+        let judged = Holder::new(7, 3);
+        let successor = Holder::new(7, 4);
+        let guard = word.lock(successor, |_| {});
+        assert!(!word.force_release(judged));
+        assert_eq!(word.holder(), Some(successor));
+        drop(guard);
+        assert_eq!(word.holder(), None);
+        assert_eq!((successor.slot(), successor.generation()), (7, 4));
     }
 }

@@ -1,22 +1,42 @@
 //! The process table: which processes use a channel, how many handles each holds, and
 //! handles in transit (pickled, or inherited by a fork child not yet registered).
 //!
-//! A slot's `state` is `generation << 32 | pid`. Claiming goes through the transient pid
-//! [`CLAIMING`] so other processes never read a half-initialised slot; reaping a dead
-//! process goes through [`REAPING`] so it happens exactly once.
+//! # The slot state word
 //!
-//! Open handles are counted twice: per slot (so a dead process's share can be subtracted)
-//! and in `HandleState` totals (so the hot path reads one word). A process that exits
-//! without closing is noticed by a liveness check (pid plus start time), never by waiting
-//! for it.
+//! `ProcessSlot::state` is `generation:32 | phase:2 | pid:30`:
+//!
+//! | phase      | pid            | meaning                                            |
+//! |------------|----------------|----------------------------------------------------|
+//! | `LIVE`     | 0              | free                                               |
+//! | `LIVE`     | occupant       | in use by that process                             |
+//! | `CLAIMING` | claimant       | being initialised; reset if the claimant dies       |
+//! | `REAPING`  | reaper         | its dead occupant is being reaped; taken over (and  |
+//! |            |                | the reap resumed) if the reaper dies too           |
+//!
+//! The generation rises by one on every completed claim and never changes otherwise. Every
+//! word elsewhere in shared memory that names a slot (block owners, lock holders, pending
+//! entries, message origins) carries its generation too, so a slot reused by a new process
+//! is never mistaken for the process that held it before (ABA).
+//!
+//! # Counting handles
+//!
+//! Open handles are counted once, per slot; totals are sums over live slots plus the
+//! pending entries, never stored, so no death between two stores can leave a total wrong.
+//! A slot stops counting the moment it leaves `LIVE` (its process is being reaped).
+//!
+//! A process that exits without closing is noticed by a liveness check (see
+//! `shm::process`): only a definite answer reaps it, and no process ever reaps itself.
 use crate::error::{Error, Result};
-use crate::layout::{ControlBlock, HandleState, ProcessSlot, MAX_PENDING};
-use crate::shm::ProcessId;
-use crate::sync::Ordering;
+use crate::layout::{ControlBlock, ProcessSlot, MAX_PENDING};
+use crate::shm::{current_pid, Liveness, ProcessId};
+use crate::sync::{AtomicU32, Ordering};
 use crate::wait::futex_wake;
 
-const CLAIMING: u32 = u32::MAX;
-const REAPING: u32 = u32::MAX - 1;
+const PID_MASK: u64 = (1 << 30) - 1;
+const PHASE_SHIFT: u32 = 30;
+const PHASE_LIVE: u64 = 0;
+const PHASE_CLAIMING: u64 = 1;
+const PHASE_REAPING: u64 = 2;
 
 /// Which side a handle is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,28 +45,94 @@ pub enum Side {
     Receiver,
 }
 
-fn pid_of(state: u64) -> u32 {
-    state as u32
+/// A slot together with the generation of its occupant: names one process's tenure.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SlotId {
+    pub index: u16,
+    pub generation: u32,
 }
 
-fn is_live_pid(pid: u32) -> bool {
-    pid != 0 && pid != CLAIMING && pid != REAPING
+impl SlotId {
+    /// `generation:32 | index:16`, as stored by `Slab` and in block owner words.
+    pub fn pack(self) -> u64 {
+        u64::from(self.generation) << 16 | u64::from(self.index)
+    }
+
+    pub fn unpack(word: u64) -> SlotId {
+        SlotId {
+            index: word as u16,
+            generation: (word >> 16) as u32,
+        }
+    }
+}
+
+fn state_word(generation: u32, phase: u64, pid: u32) -> u64 {
+    u64::from(generation) << 32 | phase << PHASE_SHIFT | (u64::from(pid) & PID_MASK)
+}
+
+fn phase_of(state: u64) -> u64 {
+    (state >> PHASE_SHIFT) & 3
+}
+
+fn pid_of(state: u64) -> u32 {
+    (state & PID_MASK) as u32
+}
+
+fn generation_of(state: u64) -> u32 {
+    (state >> 32) as u32
+}
+
+/// The live occupant in `state`, if any.
+fn live_pid(state: u64) -> Option<u32> {
+    let pid = pid_of(state);
+    (phase_of(state) == PHASE_LIVE && pid != 0).then_some(pid)
+}
+
+/// A consistent reading of a live slot: its state word and the identity of its process.
+#[derive(Clone, Copy, Debug)]
+pub struct Occupant {
+    pub state: u64,
+    pub process: ProcessId,
+    pub slot: SlotId,
 }
 
 impl ProcessSlot {
     pub fn pid(&self) -> Option<u32> {
-        let pid = pid_of(self.state.load(Ordering::Acquire));
-        is_live_pid(pid).then_some(pid)
+        // Acquire: pairs with the Release store that made the slot live in `claim_slot`.
+        live_pid(self.state.load(Ordering::Acquire))
     }
 
-    pub fn process(&self) -> Option<ProcessId> {
-        self.pid().map(|pid| ProcessId {
-            pid,
-            start_time: self.start_time.load(Ordering::Relaxed),
-        })
+    /// The live occupant, with its start time read consistently: the state word is read
+    /// before and after the start time (a seqlock), so a claim in between is never paired
+    /// with the previous occupant's pid.
+    pub fn occupant(&self, index: u16) -> Option<Occupant> {
+        for _ in 0..16 {
+            // Acquire on all three: the second state load cannot move before the start-time
+            // load. Pairs with the Release stores of `claim_slot` (start time, then state).
+            let before = self.state.load(Ordering::Acquire);
+            let pid = live_pid(before)?;
+            let start_time = self.start_time.load(Ordering::Acquire);
+            if self.state.load(Ordering::Acquire) == before {
+                return Some(Occupant {
+                    state: before,
+                    process: ProcessId { pid, start_time },
+                    slot: SlotId {
+                        index,
+                        generation: generation_of(before),
+                    },
+                });
+            }
+        }
+        None
     }
 
-    fn count(&self, side: Side) -> &crate::sync::AtomicU32 {
+    /// True while the slot is held by the tenure `id` (same generation, still live).
+    pub fn is_tenure(&self, id: SlotId) -> bool {
+        let state = self.state.load(Ordering::Acquire);
+        live_pid(state).is_some() && generation_of(state) == id.generation
+    }
+
+    fn count(&self, side: Side) -> &AtomicU32 {
         match side {
             Side::Sender => &self.senders,
             Side::Receiver => &self.receivers,
@@ -54,30 +140,55 @@ impl ProcessSlot {
     }
 }
 
-impl HandleState {
-    fn total(&self, side: Side) -> &crate::sync::AtomicU32 {
-        match side {
-            Side::Sender => &self.senders,
-            Side::Receiver => &self.receivers,
-        }
+/// A pending entry: `redeeming:1 | token:23 | generation:8 | senders:8 | receivers:8 |
+/// slot:16`. The slot (and low 8 bits of its generation) is the process answerable for the
+/// entry: the issuer until a redeemer takes it over (setting `redeeming`), then the
+/// redeemer. Either one's death drops the entry.
+mod pending {
+    use super::SlotId;
+
+    pub const REDEEMING: u64 = 1 << 63;
+    const TOKEN_MASK: u64 = (1 << 23) - 1;
+
+    pub fn entry(owner: SlotId, senders: u8, receivers: u8, token: u32) -> u64 {
+        let token = (u64::from(token) & TOKEN_MASK).max(1);
+        token << 40
+            | u64::from(owner.generation as u8) << 32
+            | u64::from(senders) << 24
+            | u64::from(receivers) << 16
+            | u64::from(owner.index)
     }
 
-    /// Open handles on `side`, over all processes, pending ones included.
-    pub fn open(&self, side: Side) -> u32 {
-        // Acquire: pairs with the Release updates in `add`/`remove`.
-        self.total(side).load(Ordering::Acquire)
+    pub fn with_owner(entry: u64, owner: SlotId) -> u64 {
+        (entry & !0xff_0000_ffff)
+            | REDEEMING
+            | u64::from(owner.generation as u8) << 32
+            | u64::from(owner.index)
+    }
+
+    pub fn owned_by(entry: u64, owner: SlotId) -> bool {
+        entry != 0 && entry as u16 == owner.index && (entry >> 32) as u8 == owner.generation as u8
+    }
+
+    pub fn senders(entry: u64) -> u32 {
+        (entry >> 24 & 0xff) as u32
+    }
+
+    pub fn receivers(entry: u64) -> u32 {
+        (entry >> 16 & 0xff) as u32
     }
 }
 
 impl ControlBlock {
     /// Claims a free slot for process `me`, publishing its control descriptor.
-    pub fn claim_slot(&self, me: ProcessId, control_fd: i32) -> Result<u16> {
+    pub fn claim_slot(&self, me: ProcessId, control_fd: i32) -> Result<SlotId> {
         for (index, slot) in self.processes.iter().enumerate() {
             let state = slot.state.load(Ordering::Relaxed);
-            if pid_of(state) != 0 {
+            if phase_of(state) != PHASE_LIVE || pid_of(state) != 0 {
                 continue;
             }
-            let claiming = (state & !0xffff_ffff) | u64::from(CLAIMING);
+            let generation = generation_of(state);
+            let claiming = state_word(generation, PHASE_CLAIMING, me.pid);
             // Acquire: see the previous owner's final stores before reinitialising.
             if slot
                 .state
@@ -86,7 +197,9 @@ impl ControlBlock {
             {
                 continue;
             }
-            slot.start_time.store(me.start_time, Ordering::Relaxed);
+            // Release: a seqlock reader that sees this start time also sees the state
+            // leave LIVE (pairs with the Acquire loads in `ProcessSlot::occupant`).
+            slot.start_time.store(me.start_time, Ordering::Release);
             slot.senders.store(0, Ordering::Relaxed);
             slot.receivers.store(0, Ordering::Relaxed);
             slot.outstanding.store(0, Ordering::Relaxed);
@@ -95,27 +208,61 @@ impl ControlBlock {
             for fd in slot.segment_fds.iter() {
                 fd.store(-1, Ordering::Relaxed);
             }
-            let generation = (state >> 32).wrapping_add(1);
+            // Relaxed: only bounds scans; a scan that misses a slot still being claimed
+            // misses nothing it could count.
+            self.handles
+                .slots_used
+                .fetch_max(index as u32 + 1, Ordering::Relaxed);
+            let generation = generation.wrapping_add(1);
             // Release: every field above is initialised before the slot reads as live
-            // (pairs with the Acquire in `ProcessSlot::pid`).
-            slot.state
-                .store(generation << 32 | u64::from(me.pid), Ordering::Release);
-            return Ok(index as u16);
+            // (pairs with the Acquire in `ProcessSlot::pid`/`occupant`). A CAS, not a
+            // store: a peer that judged this claimant dead may have reset the slot.
+            if slot
+                .state
+                .compare_exchange(
+                    claiming,
+                    state_word(generation, PHASE_LIVE, me.pid),
+                    Ordering::Release,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+            {
+                continue;
+            }
+            return Ok(SlotId {
+                index: index as u16,
+                generation,
+            });
         }
-        Err(Error::Full(format!(
-            "channel already has {} processes attached; close handles in processes that no longer use it",
+        Err(Error::Incompatible(format!(
+            "channel already has {} processes attached, the most it can have; close handles in processes that no longer use it",
             self.processes.len()
         )))
     }
 
     /// Gives a slot back when its process detaches cleanly (no handles, nothing in flight
     /// that it is waiting on).
-    pub fn release_slot(&self, index: u16) {
-        let slot = &self.processes[usize::from(index)];
+    pub fn release_slot(&self, id: SlotId) {
+        let slot = &self.processes[usize::from(id.index)];
         let state = slot.state.load(Ordering::Relaxed);
+        if generation_of(state) != id.generation || live_pid(state).is_none() {
+            return;
+        }
         slot.control_fd.store(-1, Ordering::Relaxed);
-        // Release: our last uses of the slot happen before it can be claimed again.
-        slot.state.store(state & !0xffff_ffff, Ordering::Release);
+        // Release: our last uses of the slot happen before it can be claimed again. A CAS:
+        // a peer may have judged us dead and be reaping the slot.
+        let _ = slot.state.compare_exchange(
+            state,
+            state_word(id.generation, PHASE_LIVE, 0),
+            Ordering::Release,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The slots worth scanning: every slot ever claimed lies below this.
+    fn used_slots(&self) -> &[ProcessSlot] {
+        let used = self.handles.slots_used.load(Ordering::Relaxed) as usize;
+        &self.processes[..used.min(self.processes.len())]
     }
 
     /// Adds `count` open handles on `side` for slot `index`.
@@ -123,11 +270,10 @@ impl ControlBlock {
         if count == 0 {
             return;
         }
+        // Release: pairs with the Acquire loads in `open`.
         self.processes[usize::from(index)]
             .count(side)
-            .fetch_add(count, Ordering::Relaxed);
-        // Release: pairs with the Acquire in `HandleState::open`.
-        self.handles.total(side).fetch_add(count, Ordering::Release);
+            .fetch_add(count, Ordering::Release);
         self.handles_changed();
     }
 
@@ -136,17 +282,46 @@ impl ControlBlock {
         if count == 0 {
             return;
         }
-        let slot = self.processes[usize::from(index)].count(side);
-        let _ = slot.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-            Some(n.saturating_sub(count))
-        });
-        let _ = self
-            .handles
-            .total(side)
-            .fetch_update(Ordering::Release, Ordering::Relaxed, |n| {
-                Some(n.saturating_sub(count))
-            });
+        let _ = self.processes[usize::from(index)].count(side).fetch_update(
+            Ordering::Release,
+            Ordering::Relaxed,
+            |n| Some(n.saturating_sub(count)),
+        );
         self.handles_changed();
+    }
+
+    /// Open handles on `side`: those of live slots plus pending ones.
+    pub fn open(&self, side: Side) -> u32 {
+        let live: u32 = self
+            .used_slots()
+            .iter()
+            .filter(|slot| slot.pid().is_some())
+            // Acquire: pairs with the Release updates in `add_handles`/`remove_handles`.
+            .map(|slot| slot.count(side).load(Ordering::Acquire))
+            .fold(0, u32::saturating_add);
+        live.saturating_add(self.pending_count(side))
+    }
+
+    /// True when any handle on `side` is open (stops at the first one found).
+    pub fn any_open(&self, side: Side) -> bool {
+        self.used_slots()
+            .iter()
+            .any(|slot| slot.pid().is_some() && slot.count(side).load(Ordering::Acquire) > 0)
+            || self.pending_count(side) > 0
+    }
+
+    fn pending_count(&self, side: Side) -> u32 {
+        self.handles
+            .pending
+            .iter()
+            // Acquire: pairs with the AcqRel exchanges that fill and empty the cells.
+            .map(|cell| cell.load(Ordering::Acquire))
+            .filter(|&entry| entry != 0)
+            .map(|entry| match side {
+                Side::Sender => pending::senders(entry),
+                Side::Receiver => pending::receivers(entry),
+            })
+            .fold(0, u32::saturating_add)
     }
 
     /// Wakes every waiter so it re-checks who is still open.
@@ -160,7 +335,7 @@ impl ControlBlock {
         futex_wake(&self.ring.pushed, i32::MAX);
         futex_wake(&self.ring.popped, i32::MAX);
         futex_wake(&self.heap.freed, i32::MAX);
-        for slot in self.processes.iter() {
+        for slot in self.used_slots() {
             if slot.ack_waiters.load(Ordering::SeqCst) > 0 {
                 slot.acked.fetch_add(1, Ordering::SeqCst);
                 futex_wake(&slot.acked, i32::MAX);
@@ -168,23 +343,23 @@ impl ControlBlock {
         }
     }
 
-    /// Records handles in transit, owned by slot `index` until the token is redeemed.
-    /// Returns the token.
-    pub fn add_pending(&self, index: u16, senders: u8, receivers: u8, token: u32) -> Result<u64> {
-        let token = u64::from(token.max(1));
-        let entry =
-            token << 32 | u64::from(senders) << 24 | u64::from(receivers) << 16 | u64::from(index);
+    /// Records handles in transit, answerable to `owner` until the token is redeemed.
+    /// Returns the entry (the ticket's proof).
+    pub fn add_pending(
+        &self,
+        owner: SlotId,
+        senders: u8,
+        receivers: u8,
+        token: u32,
+    ) -> Result<u64> {
+        let entry = pending::entry(owner, senders, receivers, token);
         for cell in self.handles.pending.iter() {
+            // AcqRel: pairs with the Acquire loads of `pending_count` and the reaper.
             if cell
                 .compare_exchange(0, entry, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
-                self.handles
-                    .senders
-                    .fetch_add(u32::from(senders), Ordering::Release);
-                self.handles
-                    .receivers
-                    .fetch_add(u32::from(receivers), Ordering::Release);
+                self.handles_changed();
                 return Ok(entry);
             }
         }
@@ -193,57 +368,93 @@ impl ControlBlock {
         )))
     }
 
-    /// Redeems a pending entry (the new process now counts its own handles). False if it
-    /// was already redeemed or dropped (its owner died, or the pickle was loaded twice).
-    pub fn redeem_pending(&self, entry: u64) -> bool {
-        for cell in self.handles.pending.iter() {
-            if cell
-                .compare_exchange(entry, 0, Ordering::AcqRel, Ordering::Relaxed)
+    /// Redeems a pending entry for `redeemer`: takes it over (so the issuer's death no
+    /// longer drops it), runs `open` (which counts the redeemer's own handles), then clears
+    /// it. False if it was already redeemed or dropped (its issuer died, or the pickle was
+    /// loaded twice); `open` runs all the same.
+    pub fn redeem_pending(&self, entry: u64, redeemer: SlotId, open: impl FnOnce()) -> bool {
+        let taken = pending::with_owner(entry, redeemer);
+        let cell = self.handles.pending.iter().find(|cell| {
+            cell.compare_exchange(entry, taken, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
-            {
-                self.drop_pending_counts(entry);
-                return true;
-            }
-        }
-        false
-    }
-
-    fn drop_pending_counts(&self, entry: u64) {
-        let senders = (entry >> 24 & 0xff) as u32;
-        let receivers = (entry >> 16 & 0xff) as u32;
-        let _ = self
-            .handles
-            .senders
-            .fetch_update(Ordering::Release, Ordering::Relaxed, |n| {
-                Some(n.saturating_sub(senders))
-            });
-        let _ = self
-            .handles
-            .receivers
-            .fetch_update(Ordering::Release, Ordering::Relaxed, |n| {
-                Some(n.saturating_sub(receivers))
-            });
+        });
+        open();
+        let Some(cell) = cell else {
+            return false;
+        };
+        // If we die between `open` and here, our reaper drops both our counts and the entry.
+        let _ = cell.compare_exchange(taken, 0, Ordering::AcqRel, Ordering::Relaxed);
         self.handles_changed();
+        true
     }
 
-    /// Finds processes that died without detaching and takes back what they held open.
-    /// `reclaim(slot)` runs for each, before its slot is freed. Returns how many were reaped.
-    pub fn reap_dead(&self, mut reclaim: impl FnMut(u16)) -> usize {
+    /// Withdraws a pending entry that will never be redeemed. False if it is gone already.
+    pub fn withdraw_pending(&self, entry: u64) -> bool {
+        let found = self.handles.pending.iter().any(|cell| {
+            cell.compare_exchange(entry, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        });
+        if found {
+            self.handles_changed();
+        }
+        found
+    }
+
+    /// Finds processes that died without detaching (and reaps left half-done by reapers
+    /// that died) and takes back what they held. `reclaim(tenure)` runs for each before its
+    /// slot is freed; it must be idempotent, since a reap whose reaper dies is run again by
+    /// another process. `liveness` judges a process (`ProcessId::liveness` outside tests).
+    /// Returns how many slots were freed.
+    pub fn reap_dead(
+        &self,
+        liveness: impl Fn(&ProcessId) -> Liveness,
+        mut reclaim: impl FnMut(SlotId),
+    ) -> usize {
+        let me = current_pid();
         let mut reaped = 0;
-        for (index, slot) in self.processes.iter().enumerate() {
+        for (index, slot) in self.used_slots().iter().enumerate() {
             let state = slot.state.load(Ordering::Acquire);
             let pid = pid_of(state);
-            if !is_live_pid(pid) {
+            let generation = generation_of(state);
+            let phase = phase_of(state);
+            if pid == 0 || pid == me || phase > PHASE_REAPING {
                 continue;
             }
-            let id = ProcessId {
-                pid,
-                start_time: slot.start_time.load(Ordering::Relaxed),
+            // Whose death this is about: the occupant (LIVE), the claimant (CLAIMING) or the
+            // reaper (REAPING). Claimants and reapers are checked by pid alone: their start
+            // time is not recorded, and a reused pid only delays the take-over.
+            let judged = match phase {
+                PHASE_LIVE => match slot.occupant(index as u16) {
+                    Some(occupant) if occupant.state == state => liveness(&occupant.process),
+                    _ => continue,
+                },
+                _ => pid_liveness(pid, &liveness),
             };
-            if id.is_alive() {
+            if judged != Liveness::Dead {
                 continue;
             }
-            let reaping = (state & !0xffff_ffff) | u64::from(REAPING);
+            let tenure = SlotId {
+                index: index as u16,
+                generation,
+            };
+            if phase == PHASE_CLAIMING {
+                // The claimant held nothing yet: free the slot again.
+                if slot
+                    .state
+                    .compare_exchange(
+                        state,
+                        state_word(generation, PHASE_LIVE, 0),
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
+                {
+                    reaped += 1;
+                }
+                continue;
+            }
+            let reaping = state_word(generation, PHASE_REAPING, me);
+            // AcqRel: whoever wins reaps; the Acquire half sees the dead process's stores.
             if slot
                 .state
                 .compare_exchange(state, reaping, Ordering::AcqRel, Ordering::Relaxed)
@@ -251,37 +462,29 @@ impl ControlBlock {
             {
                 continue;
             }
-            let index = index as u16;
-            let senders = slot.senders.swap(0, Ordering::Relaxed);
-            let receivers = slot.receivers.swap(0, Ordering::Relaxed);
+            // Its handles stopped counting when the slot left LIVE; wake the waiters.
+            self.handles_changed();
             for cell in self.handles.pending.iter() {
                 let entry = cell.load(Ordering::Acquire);
-                if entry != 0
-                    && entry as u16 == index
-                    && cell
-                        .compare_exchange(entry, 0, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    self.drop_pending_counts(entry);
+                if pending::owned_by(entry, tenure) {
+                    let _ = cell.compare_exchange(entry, 0, Ordering::AcqRel, Ordering::Relaxed);
                 }
             }
-            reclaim(index);
-            let _ = self
-                .handles
-                .senders
-                .fetch_update(Ordering::Release, Ordering::Relaxed, |n| {
-                    Some(n.saturating_sub(senders))
-                });
-            let _ =
-                self.handles
-                    .receivers
-                    .fetch_update(Ordering::Release, Ordering::Relaxed, |n| {
-                        Some(n.saturating_sub(receivers))
-                    });
+            reclaim(tenure);
             slot.control_fd.store(-1, Ordering::Relaxed);
             // Release: the reclaim above is complete before the slot can be claimed again.
-            slot.state.store(state & !0xffff_ffff, Ordering::Release);
-            reaped += 1;
+            if slot
+                .state
+                .compare_exchange(
+                    reaping,
+                    state_word(generation, PHASE_LIVE, 0),
+                    Ordering::Release,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                reaped += 1;
+            }
             self.handles_changed();
         }
         reaped
@@ -289,10 +492,84 @@ impl ControlBlock {
 
     /// Pids of the processes attached now (for messages and stats).
     pub fn pids(&self, side: Option<Side>) -> Vec<u32> {
-        self.processes
+        self.used_slots()
             .iter()
             .filter(|slot| side.is_none_or(|side| slot.count(side).load(Ordering::Relaxed) > 0))
             .filter_map(ProcessSlot::pid)
             .collect()
+    }
+
+    /// Whether the tenure of slot `index` whose generation's low bits (under `mask`) are
+    /// `generation` is over for sure: the slot moved on (another generation, free, being
+    /// reaped) or its process is definitely dead. Used to break locks (which keep only the
+    /// low bits of the generation).
+    pub fn tenure_over(
+        &self,
+        index: u16,
+        generation: u32,
+        mask: u32,
+        liveness: impl Fn(&ProcessId) -> Liveness,
+    ) -> bool {
+        let Some(slot) = self.processes.get(usize::from(index)) else {
+            return true;
+        };
+        match slot.occupant(index) {
+            Some(occupant) if occupant.slot.generation & mask == generation & mask => {
+                liveness(&occupant.process) == Liveness::Dead
+            }
+            // A torn read retried out: look again later.
+            None if live_pid(slot.state.load(Ordering::Acquire)).is_some() => false,
+            _ => true,
+        }
+    }
+}
+
+/// Liveness of a claimant or reaper, known by pid only: it is dead when no process has
+/// that pid. (A reused pid keeps the slot waiting until that process exits too.)
+fn pid_liveness(pid: u32, liveness: impl Fn(&ProcessId) -> Liveness) -> Liveness {
+    match crate::shm::process_start_time(pid) {
+        Some(start_time) => liveness(&ProcessId { pid, start_time }),
+        None => liveness(&ProcessId { pid, start_time: 0 }),
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_entries_name_their_owner_with_its_generation() {
+        let issuer = SlotId {
+            index: 3,
+            generation: 7,
+        };
+        let entry = pending::entry(issuer, 2, 1, 0xabcdef);
+        assert!(pending::owned_by(entry, issuer));
+        assert!(!pending::owned_by(
+            entry,
+            SlotId {
+                index: 3,
+                generation: 8
+            }
+        ));
+        assert_eq!((pending::senders(entry), pending::receivers(entry)), (2, 1));
+        let redeemer = SlotId {
+            index: 9,
+            generation: 300,
+        };
+        let taken = pending::with_owner(entry, redeemer);
+        assert!(pending::owned_by(taken, redeemer));
+        assert!(!pending::owned_by(taken, issuer));
+        assert_eq!((pending::senders(taken), pending::receivers(taken)), (2, 1));
+    }
+
+    #[test]
+    fn state_words_round_trip() {
+        let state = state_word(u32::MAX, PHASE_REAPING, (1 << 30) - 1);
+        assert_eq!(generation_of(state), u32::MAX);
+        assert_eq!(phase_of(state), PHASE_REAPING);
+        assert_eq!(pid_of(state), (1 << 30) - 1);
+        assert_eq!(live_pid(state), None);
+        assert_eq!(live_pid(state_word(4, PHASE_LIVE, 42)), Some(42));
     }
 }

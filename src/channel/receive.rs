@@ -14,7 +14,7 @@ impl Channel {
         if let Some(received) = self.try_pop()? {
             return Ok(received);
         }
-        if self.open_count(Side::Sender) == 0 {
+        if !self.any_open(Side::Sender) {
             return self.try_pop()?.ok_or_else(closed_by_senders);
         }
         if !block {
@@ -33,7 +33,7 @@ impl Channel {
                 if let Some(received) = self.try_pop()? {
                     return Ok(Some(received));
                 }
-                if self.open_count(Side::Sender) == 0 {
+                if !self.any_open(Side::Sender) {
                     return self.try_pop()?.map(Some).ok_or_else(closed_by_senders);
                 }
                 Ok(None)
@@ -54,13 +54,16 @@ impl Channel {
             // dies at any point here, `reclaim` finds the block either still in the ring or
             // owned by us, never neither.
             if let Ok(header) = self.slab.header(SlabRef(entry.block)) {
-                header
-                    .owner
-                    .store(owner_word(OWNER_RECEIVER, self.slot()), Ordering::Relaxed);
+                header.owner.store(
+                    owner_word(OWNER_RECEIVER, self.slab.slot_id()),
+                    Ordering::Relaxed,
+                );
             }
+            crate::failpoint!("pop.owned_before_head_moves");
             ring.pop();
             entry
         };
+        crate::failpoint!("pop.after_head_moved");
         // SeqCst: pairs with the SeqCst waiter registration in `wait_until`.
         control.ring.popped.fetch_add(1, Ordering::SeqCst);
         if control.ring.producers_waiting.load(Ordering::SeqCst) > 0 {
@@ -76,21 +79,30 @@ impl Channel {
         }))
     }
 
-    /// Frees a received message's block once its last view is gone, and counts the
-    /// acknowledgement for its sender.
+    /// Frees a received message's block (and its references to `alloc` buffers) once its
+    /// last view is gone, and counts the acknowledgement for its sender.
     pub fn release_message(&self, block: SlabRef) {
         if !self.owned_here() {
             return;
         }
-        if let Ok(Some(origin)) = self.slab.release(block) {
+        if let Ok(origin) = self.slab.free_message(block) {
             self.uncount_outstanding(origin);
         }
     }
 
-    pub(super) fn uncount_outstanding(&self, origin: u16) {
-        let Some(slot) = self.control().processes.get(usize::from(origin)) else {
+    /// Counts one acknowledgement for the tenure `origin` names (`origin_word`); nothing if
+    /// that process has left its slot since.
+    pub(super) fn uncount_outstanding(&self, origin: u32) {
+        let index = origin as u16;
+        let Some(slot) = self.control().processes.get(usize::from(index)) else {
             return;
         };
+        let tenure = slot
+            .occupant(index)
+            .map(|occupant| origin_word(occupant.slot));
+        if tenure != Some(origin) {
+            return;
+        }
         let _ = slot
             .outstanding
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -116,7 +128,7 @@ impl Channel {
                 if done() {
                     return Ok(Some(true));
                 }
-                if self.open_count(Side::Receiver) == 0 && !self.ring().is_empty() {
+                if !self.any_open(Side::Receiver) && !self.ring().is_empty() {
                     return Ok(Some(false));
                 }
                 Ok(None)

@@ -1,28 +1,33 @@
 //! Crash recovery: noticing processes that died without closing, and taking back what
 //! they held.
 //!
-//! Every block records who is responsible for it (`BlockHeader::owner`): the producer
-//! while it fills it (`SENDER`) and pushes it (`QUEUED`), the consumer that took it
-//! (`RECEIVER`, set under the ring lock before `head` moves), or the process an `alloc`
-//! buffer belongs to (`ALLOC`). A process that exits without closing is noticed within
-//! about 100 ms by the other processes' watcher threads (see `watcher.rs`) and by any peer
-//! blocked in a call: `reap_dead` drops its handles and `reclaim` frees what it held,
+//! Every block records who is responsible for it (`BlockHeader::owner`, with the tenure
+//! of the slot: a reused slot never inherits blocks): the producer while it fills it
+//! (`SENDER`) and pushes it (`QUEUED`), the consumer that took it (`RECEIVER`, set under
+//! the ring lock before `head` moves), or the process an `alloc` buffer belongs to
+//! (`ALLOC`). A process that exits without closing is noticed within about 100 ms by the
+//! other processes' watcher threads (see `watcher.rs`) and by any peer blocked in a call:
+//! `reap_dead` drops its handles and pending entries, and `reclaim` frees what it held,
 //! except blocks still in the ring, which stay for the other consumers:
 //!
-//! - a message it had taken is released (with the `alloc` buffers it referenced): delivery
-//!   is *at most once* to a consumer that dies, exactly once otherwise;
+//! - a message it had taken is freed with the references it held to `alloc` buffers:
+//!   delivery is *at most once* to a consumer that dies, exactly once otherwise;
 //! - a put it had not published is freed; nobody saw it (no partial message is visible);
-//! - its own reference to an `alloc` buffer is dropped; messages holding it keep it.
+//! - its own hold on an `alloc` buffer is dropped (once: it is a bit, see `slab::refs`);
+//!   messages holding the buffer keep it.
+//!
+//! Each of these is one critical section of the heap lock and changes the block's state
+//! or owner, so `reclaim` is idempotent: a reaper that dies half-way is taken over by the
+//! next one (see `procs`), which runs it again and finds only what is left to do.
 //!
 //! A producer waiting for memory is such a blocked peer, so memory held by a dead consumer
 //! returns at the latest when a producer needs it, and usually ~100 ms after the death.
 use std::collections::HashSet;
 
 use super::{Channel, REAP_INTERVAL};
-use crate::header::frame_buffers;
+use crate::procs::SlotId;
 use crate::slab::block::{
-    owner_kind, owner_slot, owner_word, OWNER_ALLOC, OWNER_ORPHAN, OWNER_QUEUED, OWNER_RECEIVER,
-    OWNER_SENDER,
+    owner_kind, owner_slot, OWNER_ALLOC, OWNER_QUEUED, OWNER_RECEIVER, OWNER_SENDER,
 };
 use crate::sync::Ordering;
 
@@ -40,16 +45,18 @@ impl Channel {
         {
             return;
         }
-        self.control().reap_dead(|dead| self.reclaim(dead));
+        self.control()
+            .reap_dead(|process| process.liveness(), |dead| self.reclaim(dead));
     }
 
     /// Takes back the memory a dead process held (see "Crash recovery" in the module docs).
-    /// Runs once per death: `reap_dead` claims the slot before calling it.
-    pub(super) fn reclaim(&self, dead: u16) {
+    /// Idempotent: run again (by a reaper taking over), it finds only what is left.
+    pub(super) fn reclaim(&self, dead: SlotId) {
         let queued: HashSet<u64> = {
             let _guard = self.slab.lock(&self.control().ring_lock);
             self.ring().queued().map(|entry| entry.block).collect()
         };
+        crate::failpoint!("reclaim.after_ring_snapshot");
         for (block, owner) in self.slab.used_blocks() {
             if owner_slot(owner) != dead || queued.contains(&block.0) {
                 continue;
@@ -57,34 +64,21 @@ impl Channel {
             match owner_kind(owner) {
                 // A message it had taken: its views died with it.
                 OWNER_RECEIVER => {
-                    if let Ok((header, address, _)) = self.slab.content(block) {
-                        let len = header.content_len.load(Ordering::Relaxed) as usize;
-                        // SAFETY: `content` checked the block lies inside its segment and
-                        // `content_len` was written by the sender within the block.
-                        let frame = unsafe { std::slice::from_raw_parts(address, len) };
-                        for buffer in frame_buffers(frame).unwrap_or_default() {
-                            let _ = self.slab.release(buffer);
-                        }
-                    }
-                    if let Ok(Some(origin)) = self.slab.release(block) {
+                    if let Ok(origin) = self.slab.free_message_owned_by(block, owner) {
                         self.uncount_outstanding(origin);
                     }
                 }
                 // A put it never finished: nobody else has seen the block.
                 OWNER_SENDER | OWNER_QUEUED => {
-                    let _ = self.slab.release(block);
+                    let _ = self.slab.free_message_owned_by(block, owner);
                 }
-                // Its own reference to an `alloc` buffer; messages may still hold others.
+                // Its own hold on an `alloc` buffer; messages may still hold it.
                 OWNER_ALLOC => {
-                    if let Ok(header) = self.slab.header(block) {
-                        header
-                            .owner
-                            .store(owner_word(OWNER_ORPHAN, 0), Ordering::Relaxed);
-                    }
-                    let _ = self.slab.release(block);
+                    let _ = self.slab.drop_creator_owned_by(block, owner);
                 }
                 _ => {}
             }
+            crate::failpoint!("reclaim.after_block");
         }
     }
 }

@@ -84,10 +84,12 @@ pub fn before_fork() {
         }
         // If the table is full the child still registers; only the close-before-register
         // race stays open then.
-        let entry =
-            channel
-                .control()
-                .add_pending(channel.slot(), senders, receivers, random_u64() as u32);
+        let entry = channel.control().add_pending(
+            channel.slab.slot_id(),
+            senders,
+            receivers,
+            random_u64() as u32,
+        );
         channel
             .fork_pending
             .store(entry.unwrap_or(0), Ordering::Relaxed);
@@ -118,6 +120,12 @@ pub fn after_fork_in_child(count_inherited: bool, adopt: impl FnOnce()) {
     };
     let me = ProcessId::current();
     for channel in &channels {
+        // A child that cannot read its own start time cannot claim a slot honestly: its
+        // inherited handles stay unusable here (as when the table is full).
+        let Ok(me) = me else {
+            channel.pid.store(0, Ordering::Relaxed);
+            continue;
+        };
         let control = channel.control();
         let control_fd = channel.slab.control_segment().raw_fd();
         match control.claim_slot(me, control_fd) {
@@ -133,7 +141,7 @@ pub fn after_fork_in_child(count_inherited: bool, adopt: impl FnOnce()) {
                 for side in [Side::Sender, Side::Receiver] {
                     let local = &channel.local[side_index(side)];
                     if count_inherited {
-                        control.add_handles(slot, side, local.load(Ordering::Relaxed));
+                        control.add_handles(slot.index, side, local.load(Ordering::Relaxed));
                     } else {
                         local.store(0, Ordering::Relaxed);
                     }
@@ -146,8 +154,17 @@ pub fn after_fork_in_child(count_inherited: bool, adopt: impl FnOnce()) {
     adopt();
     for channel in &channels {
         let pending = channel.fork_pending.swap(0, Ordering::Relaxed);
-        if pending != 0 {
-            channel.control().redeem_pending(pending);
+        if pending == 0 {
+            continue;
+        }
+        if channel.owned_here() {
+            // This process's own handles were counted above (or by `adopt`).
+            channel
+                .control()
+                .redeem_pending(pending, channel.slab.slot_id(), || {});
+        } else {
+            // No slot here: the inherited handles are unusable, so they count nowhere.
+            channel.control().withdraw_pending(pending);
         }
     }
     drop(guard);

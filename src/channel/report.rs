@@ -21,11 +21,12 @@ impl Channel {
             capacity: self.ring().capacity(),
             max_slab_bytes: control.max_slab_bytes.load(Ordering::Relaxed),
             segments: control.heap.segment_count.load(Ordering::Relaxed),
-            senders: control.handles.open(Side::Sender),
-            receivers: control.handles.open(Side::Receiver),
+            senders: control.open(Side::Sender),
+            receivers: control.open(Side::Receiver),
             outstanding: control.processes[usize::from(self.slot())]
                 .outstanding
                 .load(Ordering::Relaxed),
+            processes: control.pids(None),
         }
     }
 
@@ -81,7 +82,7 @@ impl Channel {
             if let Some(pid) = self
                 .control()
                 .processes
-                .get(usize::from(owner_slot(owner)))
+                .get(usize::from(owner_slot(owner).index))
                 .and_then(|slot| slot.pid())
             {
                 if !kinds[kind].1.contains(&pid) {

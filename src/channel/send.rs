@@ -6,7 +6,7 @@ use super::*;
 
 impl Channel {
     pub(super) fn ensure_receivers(&self) -> Result<()> {
-        if self.open_count(Side::Receiver) == 0 {
+        if !self.any_open(Side::Receiver) {
             return Err(Error::Closed(
                 "every receiver of this channel has closed or exited".into(),
             ));
@@ -48,7 +48,7 @@ impl Channel {
         deadline: Deadline,
         interrupt: Interrupt,
     ) -> Result<Allocation> {
-        let owner = owner_word(kind, self.slot());
+        let owner = owner_word(kind, self.slab.slot_id());
         let allocation = match self.slab.allocate(len, owner)? {
             Some(allocation) => allocation,
             None if !block => return Err(self.slab_full_error(len)),
@@ -68,7 +68,10 @@ impl Channel {
             }
         };
         if let Err(error) = self.wait_until_held_elsewhere(allocation.block.segment(), interrupt) {
-            let _ = self.slab.release(allocation.block);
+            let _ = match kind {
+                OWNER_ALLOC => self.slab.drop_creator(allocation.block),
+                _ => self.slab.free_message(allocation.block).map(drop),
+            };
             return Err(error);
         }
         Ok(allocation)
@@ -99,27 +102,39 @@ impl Channel {
         Ok(())
     }
 
-    /// Publishes a filled block; waits for room in the ring while `deadline` allows. On
-    /// error the block is still the caller's (release it with `abort_put`).
+    /// Publishes a filled block whose frame references the `alloc` blocks `buffers` (in
+    /// the frame's order); waits for room in the ring while `deadline` allows. On error the
+    /// block is still the caller's (release it with `abort_put`, which also drops the
+    /// references counted here).
     pub fn publish(
         &self,
         allocation: &Allocation,
+        buffers: &[SlabRef],
         block: bool,
         deadline: Deadline,
         interrupt: Interrupt,
     ) -> Result<()> {
+        let me = self.slab.slot_id();
         let entry = Entry {
             block: allocation.block.0,
-            origin: u32::from(self.slot()),
+            origin: u32::from(me.index),
         };
-        if let Ok(header) = self.slab.header(allocation.block) {
-            header
+        let queued = owner_word(OWNER_QUEUED, me);
+        if buffers.is_empty() {
+            // No references to count: the owner word alone makes the message complete.
+            self.slab
+                .header(allocation.block)?
                 .owner
-                .store(owner_word(OWNER_QUEUED, self.slot()), Ordering::Relaxed);
+                .store(queued, Ordering::Relaxed);
+        } else {
+            self.slab
+                .commit_message(allocation.block, buffers, queued)?;
         }
+        crate::failpoint!("publish.before_push");
         // Counted before the push: a fast receiver may release it before we return.
-        let slot = &self.control().processes[usize::from(self.slot())];
+        let slot = &self.control().processes[usize::from(me.index)];
         slot.outstanding.fetch_add(1, Ordering::Relaxed);
+        let origin = origin_word(me);
         let pushed = self.try_push(entry)? || (block && self.spin_until_pushed(entry)?);
         let pushed = if pushed {
             true
@@ -135,15 +150,16 @@ impl Channel {
                     Ok(self.try_push(entry)?.then_some(()))
                 },
             )
-            .inspect_err(|_| self.uncount_outstanding(self.slot()))?
+            .inspect_err(|_| self.uncount_outstanding(origin))?
             .is_some()
         } else {
             false
         };
         if !pushed {
-            self.uncount_outstanding(self.slot());
+            self.uncount_outstanding(origin);
             return Err(self.ring_full_error());
         }
+        crate::failpoint!("publish.after_push");
         Ok(())
     }
 
@@ -195,21 +211,16 @@ impl Channel {
         Ok(pushed)
     }
 
-    /// Gives back a block whose put failed.
+    /// Gives back a block whose put failed (and the references `publish` counted for it).
     pub fn abort_put(&self, allocation: &Allocation) {
-        let _ = self.slab.release(allocation.block);
+        let _ = self.slab.free_message(allocation.block);
     }
 
-    /// Adds a holder to an `alloc` buffer that a message references.
-    pub fn retain_buffer(&self, block: SlabRef) -> Result<()> {
-        self.slab.retain(block)
-    }
-
-    /// Drops a holder of an `alloc` buffer (its view died, or a message referencing it was
-    /// released).
+    /// Drops this process's hold on an `alloc` buffer (its last view here died); messages
+    /// that reference it keep it.
     pub fn release_buffer(&self, block: SlabRef) {
         if self.owned_here() {
-            let _ = self.slab.release(block);
+            let _ = self.slab.drop_creator(block);
         }
     }
 }

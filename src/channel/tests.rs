@@ -1,4 +1,5 @@
 use super::*;
+use crate::procs::SlotId;
 use std::time::Duration;
 
 fn no_interrupt() -> impl FnMut() -> Result<()> {
@@ -11,7 +12,7 @@ fn send(channel: &Channel, bytes: &[u8]) -> Result<()> {
     // SAFETY: the allocation has at least `bytes.len()` bytes of capacity.
     unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), allocation.address, bytes.len()) };
     channel
-        .publish(&allocation, true, deadline, &mut no_interrupt())
+        .publish(&allocation, &[], true, deadline, &mut no_interrupt())
         .inspect_err(|_| channel.abort_put(&allocation))
 }
 
@@ -102,6 +103,7 @@ fn full_ring_and_full_slab_time_out_with_details() {
     let error = channel
         .publish(
             &allocation,
+            &[],
             true,
             Deadline::after(Some(Duration::from_millis(30))),
             &mut no_interrupt(),
@@ -175,17 +177,17 @@ fn a_message_that_can_never_fit_fails_at_once() {
 }
 
 /// A process slot for a process that has exited (as if it was SIGKILLed).
-fn dead_slot(channel: &Channel, side: Side) -> u16 {
+fn dead_slot(channel: &Channel, side: Side) -> SlotId {
     let mut child = std::process::Command::new("true").spawn().unwrap();
     let pid = child.id();
     child.wait().unwrap();
     let dead = crate::shm::ProcessId { pid, start_time: 1 };
     let slot = channel.control().claim_slot(dead, -1).unwrap();
-    channel.control().add_handles(slot, side, 1);
+    channel.control().add_handles(slot.index, side, 1);
     slot
 }
 
-fn set_owner(channel: &Channel, block: SlabRef, kind: u64, slot: u16) {
+fn set_owner(channel: &Channel, block: SlabRef, kind: u64, slot: SlotId) {
     channel
         .slab()
         .header(block)
@@ -220,7 +222,12 @@ fn a_dead_processs_blocks_return_and_queued_messages_survive() {
         (2, 2)
     );
 
-    assert_eq!(channel.control().reap_dead(|slot| channel.reclaim(slot)), 2);
+    assert_eq!(
+        channel
+            .control()
+            .reap_dead(|process| process.liveness(), |slot| channel.reclaim(slot)),
+        2
+    );
 
     assert_eq!(
         channel.shared_stats().used_blocks,
@@ -246,7 +253,9 @@ fn reclaim_skips_a_block_still_in_the_ring() {
     let consumer = dead_slot(&channel, Side::Receiver);
     let head = channel.ring().peek().unwrap();
     set_owner(&channel, SlabRef(head.block), OWNER_RECEIVER, consumer);
-    channel.control().reap_dead(|slot| channel.reclaim(slot));
+    channel
+        .control()
+        .reap_dead(|process| process.liveness(), |slot| channel.reclaim(slot));
     assert_eq!(take(&channel).unwrap(), b"not yet taken");
     assert_eq!(channel.shared_stats().used_blocks, 0);
 }

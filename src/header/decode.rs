@@ -211,3 +211,9 @@ pub fn frame_buffers(frame: &[u8]) -> Result<Vec<SlabRef>> {
     let header = super::FrameHeader::read(frame)?;
     read_buffers(&mut Reader::new(header.stream(frame)))
 }
+
+/// `frame_buffers` for the slab's recounting (`slab::BuffersOf`): bytes that are no frame
+/// (corrupt, or still being written) reference nothing.
+pub fn frame_buffer_refs(frame: &[u8]) -> Vec<SlabRef> {
+    frame_buffers(frame).unwrap_or_default()
+}

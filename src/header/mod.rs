@@ -89,7 +89,7 @@ mod encode;
 mod frame;
 pub mod value;
 
-pub use decode::{frame_buffers, payload_range, read_buffers, Reader};
+pub use decode::{frame_buffer_refs, frame_buffers, payload_range, read_buffers, Reader};
 pub use encode::{Writer, FIXED_VARINT_LEN};
 pub use frame::{align_payload, FrameHeader, FLAG_PICKLE, FORMAT_VERSION, FRAME_MAGIC, PREFIX_LEN};
 

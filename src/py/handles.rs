@@ -148,6 +148,7 @@ impl Handle {
         dict.set_item("senders", shared.senders)?;
         dict.set_item("receivers", shared.receivers)?;
         dict.set_item("unacknowledged", shared.outstanding)?;
+        dict.set_item("processes", shared.processes)?;
         dict.set_item("messages_sent", sent.messages.load(Ordering::Relaxed))?;
         dict.set_item("bytes_sent", sent.bytes.load(Ordering::Relaxed))?;
         dict.set_item("put_blocked_seconds", seconds(&sent.blocked_nanos))?;
@@ -254,21 +255,10 @@ impl Sender {
             // SAFETY: the block holds at least `frame.len()` bytes and is ours alone until
             // published; the payload sources are kept alive by `encoded`.
             unsafe { frame.write(encoded, allocation.address, true) };
-            for (index, lease) in encoded.buffers.iter().enumerate() {
-                if let Err(error) = channel.retain_buffer(lease.block()) {
-                    encoded.buffers[..index]
-                        .iter()
-                        .for_each(|held| channel.release_buffer(held.block()));
-                    channel.abort_put(&allocation);
-                    return Err(error);
-                }
-            }
+            let buffers: Vec<_> = encoded.buffers.iter().map(|held| held.block()).collect();
             let publishing = Instant::now();
-            if let Err(error) = channel.publish(&allocation, block, deadline, interrupt) {
-                encoded
-                    .buffers
-                    .iter()
-                    .for_each(|held| channel.release_buffer(held.block()));
+            if let Err(error) = channel.publish(&allocation, &buffers, block, deadline, interrupt) {
+                // Also drops the references to `alloc` buffers that publish counted.
                 channel.abort_put(&allocation);
                 return Err(error);
             }
@@ -480,7 +470,9 @@ fn decode_received<'py>(
             return Err(error.into());
         }
     };
-    let lease = Arc::new(MessageLease::new(channel.clone(), received.block, buffers));
+    // Releasing the message also drops its references to the `alloc` buffers it lists.
+    drop(buffers);
+    let lease = Arc::new(MessageLease::new(channel.clone(), received.block));
     let area = &frame[header.payload_offset as usize..];
     let mode = if copy {
         Mode::Copy

@@ -1,6 +1,6 @@
 //! Who keeps slab memory alive in Python.
 //!
-//! A received message's block (and the `alloc` blocks it references) is held by one
+//! A received message's block (and through it the `alloc` blocks it references) is held by one
 //! [`MessageLease`], shared by every array and tensor decoded from it: NumPy arrays hold a
 //! [`Lease`] object as their `base`, torch tensors hold the lease through their DLPack
 //! context. Slices, views and `torch.as_tensor` results keep those bases, so the memory is
@@ -20,20 +20,19 @@ use crate::channel::Channel;
 use crate::shm::current_pid;
 use crate::slab::SlabRef;
 
-/// The blocks of one received message.
+/// The block of one received message (releasing it releases the `alloc` buffers it
+/// references too, in one step: see `slab::refs`).
 pub struct MessageLease {
     channel: Arc<Channel>,
     block: SlabRef,
-    buffers: Vec<SlabRef>,
     pid: u32,
 }
 
 impl MessageLease {
-    pub fn new(channel: Arc<Channel>, block: SlabRef, buffers: Vec<SlabRef>) -> MessageLease {
+    pub fn new(channel: Arc<Channel>, block: SlabRef) -> MessageLease {
         MessageLease {
             channel,
             block,
-            buffers,
             pid: current_pid(),
         }
     }
@@ -45,9 +44,6 @@ impl Drop for MessageLease {
             return;
         }
         self.channel.release_message(self.block);
-        for buffer in &self.buffers {
-            self.channel.release_buffer(*buffer);
-        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! free) is one store: a walk of the segment by sizes stays consistent even if a process
 //! dies in the middle of the allocator (the free lists are derived and can be rebuilt).
 use crate::layout::MAX_SEGMENTS;
+use crate::procs::SlotId;
 use crate::sync::{AtomicU32, AtomicU64};
 
 pub const HEADER_LEN: usize = 64;
@@ -17,24 +18,26 @@ pub const STATE_USED: u64 = 1;
 const OFFSET_BITS: u32 = 40;
 const CHECK_SALT: u64 = 0x7e45_0a5b_5eed_c0de;
 
-/// Owner kinds recorded in `BlockHeader::owner` (for crash recovery).
+/// Owner kinds recorded in `BlockHeader::owner` (for crash recovery; see `slab::refs`).
 pub const OWNER_SENDER: u64 = 1;
 pub const OWNER_QUEUED: u64 = 2;
 pub const OWNER_RECEIVER: u64 = 3;
 pub const OWNER_ALLOC: u64 = 4;
-/// An `alloc` buffer whose creator died: only messages still hold it.
+/// An `alloc` buffer whose creator let go of it (or died): only messages still hold it.
 pub const OWNER_ORPHAN: u64 = 5;
 
+/// `kind:16 | generation:32 | slot:16`: the kind of holder and its tenure (`SlotId`), so a
+/// reused slot never inherits the blocks of the process that held it before.
+pub fn owner_word(kind: u64, slot: SlotId) -> u64 {
+    kind << 48 | slot.pack()
+}
+
 pub fn owner_kind(word: u64) -> u64 {
-    word >> 32
+    word >> 48
 }
 
-pub fn owner_slot(word: u64) -> u16 {
-    word as u16
-}
-
-pub fn owner_word(kind: u64, slot: u16) -> u64 {
-    kind << 32 | u64::from(slot)
+pub fn owner_slot(word: u64) -> SlotId {
+    SlotId::unpack(word & ((1 << 48) - 1))
 }
 
 #[repr(C)]
@@ -46,11 +49,13 @@ pub struct BlockHeader {
     /// Free-list links while free: `SlabRef + 1`, 0 = none.
     pub next_free: AtomicU64,
     pub prev_free: AtomicU64,
-    /// Holders of a used block: the message in flight or its receiver's views, `alloc` views.
+    /// Holders of a used `alloc` block: `CREATOR` bit plus one per complete message
+    /// referencing it (see `slab::refs`); 1 for a message block.
     pub refs: AtomicU32,
-    /// Process slot that allocated the block (acknowledgements are counted there).
+    /// `generation:16 | slot:16` of the process that allocated the block (acknowledgements
+    /// are counted there).
     pub origin: AtomicU32,
-    /// `kind << 32 | slot`: who is responsible for the block now.
+    /// `owner_word`: who is responsible for the block now.
     pub owner: AtomicU64,
     /// `SlabRef ^ salt` while used: proves a reference read from shared memory is a block.
     pub check: AtomicU64,

@@ -16,18 +16,21 @@
 mod bins;
 pub mod block;
 mod freelist;
+mod refs;
 mod walk;
 
 use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::layout::{ControlBlock, HeapState, LockWord, MAX_SEGMENTS};
-use crate::lock::LockGuard;
-use crate::shm::{format_bytes, Backing, FileIdentity, ProcessId, Segment};
-use crate::sync::{AtomicU32, Ordering};
+use crate::lock::{Holder, LockGuard, GENERATION_MASK};
+use crate::procs::SlotId;
+use crate::shm::{format_bytes, Backing, FileIdentity, Liveness, Segment};
+use crate::sync::{AtomicU64, Ordering};
 use crate::wait::futex_wake;
-use block::{pack, unpack, MIN_BLOCK, STATE_FREE, STATE_USED};
+use block::{owner_kind, pack, unpack, MIN_BLOCK, OWNER_ALLOC, STATE_FREE, STATE_USED};
 pub use block::{BlockHeader, SlabRef, HEADER_LEN};
+pub use refs::BuffersOf;
 
 /// Segments are multiples of the page size.
 const PAGE: usize = 4096;
@@ -64,8 +67,11 @@ pub struct Slab {
     attaching: std::sync::atomic::AtomicBool,
     backing: Backing,
     channel_id: u64,
-    /// This process's slot (changes in a fork child).
-    slot: AtomicU32,
+    /// This process's slot and its generation, `SlotId::pack` (changes in a fork child).
+    slot: AtomicU64,
+    /// Lists the `alloc` blocks a message frame references (the wire format lives above
+    /// this layer; the channel supplies the parser). Used to recount references.
+    buffers_of: BuffersOf,
 }
 
 /// A block handed out by `allocate`.
@@ -107,14 +113,21 @@ impl Slab {
         self.attaching.store(false, Ordering::Release);
     }
 
-    pub fn new(control: Arc<Segment>, backing: Backing, channel_id: u64, slot: u16) -> Slab {
+    pub fn new(
+        control: Arc<Segment>,
+        backing: Backing,
+        channel_id: u64,
+        slot: SlotId,
+        buffers_of: BuffersOf,
+    ) -> Slab {
         Slab {
             control,
             segments: (0..MAX_SEGMENTS).map(|_| OnceLock::new()).collect(),
             attaching: std::sync::atomic::AtomicBool::new(false),
             backing,
             channel_id,
-            slot: AtomicU32::new(u32::from(slot)),
+            slot: AtomicU64::new(slot.pack()),
+            buffers_of,
         }
     }
 
@@ -129,11 +142,16 @@ impl Slab {
     }
 
     pub fn slot(&self) -> u16 {
-        self.slot.load(Ordering::Relaxed) as u16
+        self.slot_id().index
     }
 
-    pub fn set_slot(&self, slot: u16) {
-        self.slot.store(u32::from(slot), Ordering::Relaxed);
+    /// This process's slot with the generation of its tenure.
+    pub fn slot_id(&self) -> SlotId {
+        SlotId::unpack(self.slot.load(Ordering::Relaxed))
+    }
+
+    pub fn set_slot(&self, slot: SlotId) {
+        self.slot.store(slot.pack(), Ordering::Relaxed);
     }
 
     pub fn control_segment(&self) -> &Segment {
@@ -164,15 +182,14 @@ impl Slab {
                         .segment_fds
                         .get(index)
                         .is_some_and(|fd| fd.load(Ordering::Acquire) >= 0)
-                    && self.process_alive(slot as u16)
+                    && self.may_be_alive(slot as u16)
             })
     }
 
-    /// True when another live process uses the channel at all.
+    /// True when another process that may be alive uses the channel at all.
     pub fn has_peers(&self) -> bool {
         let me = usize::from(self.slot());
-        (0..self.control().processes.len())
-            .any(|slot| slot != me && self.process_alive(slot as u16))
+        (0..self.control().processes.len()).any(|slot| slot != me && self.may_be_alive(slot as u16))
     }
 
     /// Publishes this process's descriptors of every segment it maps (after a fork the
@@ -190,33 +207,40 @@ impl Slab {
         &self.backing
     }
 
-    /// Takes a lock of the control block, breaking it if its holder died.
+    /// Takes a lock of the control block, breaking it if its holder died. Breaking the heap
+    /// lock repairs what the holder may have left half-done: free lists and `alloc`
+    /// reference counts are derived data and are rebuilt from the blocks.
     pub fn lock<'a>(&'a self, word: &'a LockWord) -> LockGuard<'a> {
         let heap_lock = std::ptr::eq(word, &self.control().heap_lock);
+        let me = self.slot_id();
         let mut broke = false;
-        let guard = word.lock(self.slot(), |holder| {
-            if !self.process_alive(holder) && word.force_release(holder) {
+        let guard = word.lock(Holder::new(me.index, me.generation), |holder| {
+            let over = self.control().tenure_over(
+                holder.slot(),
+                holder.generation(),
+                GENERATION_MASK,
+                |process| process.liveness(),
+            );
+            if over && word.force_release(holder) {
                 broke = true;
             }
         });
         if broke && heap_lock {
             self.rebuild_free_lists();
+            self.recount_buffer_refs();
         }
         guard
     }
 
-    pub fn process_alive(&self, slot: u16) -> bool {
+    /// False only when the process in `slot` is definitely dead (or the slot is free); a
+    /// process whose liveness cannot be looked up now counts as alive.
+    pub fn may_be_alive(&self, slot: u16) -> bool {
         let Some(record) = self.control().processes.get(usize::from(slot)) else {
             return false;
         };
-        let state = record.state.load(Ordering::Acquire);
-        let pid = state as u32;
-        pid != 0
-            && ProcessId {
-                pid,
-                start_time: record.start_time.load(Ordering::Relaxed),
-            }
-            .is_alive()
+        record
+            .occupant(slot)
+            .is_some_and(|occupant| occupant.process.liveness() != Liveness::Dead)
     }
 
     /// The segment at `index`, mapping it into this process on first use.
@@ -351,10 +375,14 @@ impl Slab {
             self.split(block, header, size, found)?;
         }
         let (size, _) = unpack(header.size_state.load(Ordering::Relaxed));
-        header.refs.store(1, Ordering::Relaxed);
+        let refs = match owner_kind(owner) {
+            OWNER_ALLOC => refs::CREATOR,
+            _ => 1,
+        };
+        header.refs.store(refs, Ordering::Relaxed);
         header
             .origin
-            .store(u32::from(self.slot()), Ordering::Relaxed);
+            .store(origin_word(self.slot_id()), Ordering::Relaxed);
         header.owner.store(owner, Ordering::Relaxed);
         header
             .content_len
@@ -411,50 +439,24 @@ impl Slab {
         )))
     }
 
-    /// Adds a holder to a used block (a message referencing an `alloc` buffer).
-    pub fn retain(&self, block: SlabRef) -> Result<()> {
-        let (header, _, _) = self.content(block)?;
-        // Relaxed: the caller already holds a reference, so the block cannot be freed
-        // concurrently (same argument as `Arc::clone`).
-        header.refs.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Drops one holder of a used block; the last one returns it to the free lists.
-    /// Returns the block's origin slot when it was freed.
-    pub fn release(&self, block: SlabRef) -> Result<Option<u16>> {
-        let (header, _, _) = self.content(block)?;
-        // AcqRel: the Release half orders this holder's reads before the free; the Acquire
-        // half (on the last holder) sees every other holder's release (as in `Arc::drop`).
-        if header.refs.fetch_sub(1, Ordering::AcqRel) != 1 {
-            return Ok(None);
-        }
-        let origin = header.origin.load(Ordering::Relaxed) as u16;
-        self.free(block)?;
-        Ok(Some(origin))
-    }
-
-    fn free(&self, block: SlabRef) -> Result<()> {
-        {
-            let _guard = self.lock(&self.control().heap_lock);
-            let header = self.header(block)?;
-            let (size, _) = unpack(header.size_state.load(Ordering::Relaxed));
-            header.check.store(0, Ordering::Relaxed);
-            header
-                .size_state
-                .store(pack(size, STATE_FREE), Ordering::Relaxed);
-            let heap = self.heap();
-            heap.used_bytes.fetch_sub(size as u64, Ordering::Relaxed);
-            heap.used_blocks.fetch_sub(1, Ordering::Relaxed);
-            let merged = self.merge_neighbours(block, size)?;
-            self.push_free(merged)?;
-        }
-        self.notify_space();
-        Ok(())
+    /// Returns a block to the free lists, merging it with free neighbours. Heap lock held;
+    /// the caller wakes producers waiting for memory (`notify_space`) once it is released.
+    fn free_locked(&self, block: SlabRef) -> Result<()> {
+        let header = self.header(block)?;
+        let (size, _) = unpack(header.size_state.load(Ordering::Relaxed));
+        header.check.store(0, Ordering::Relaxed);
+        header
+            .size_state
+            .store(pack(size, STATE_FREE), Ordering::Relaxed);
+        let heap = self.heap();
+        heap.used_bytes.fetch_sub(size as u64, Ordering::Relaxed);
+        heap.used_blocks.fetch_sub(1, Ordering::Relaxed);
+        let merged = self.merge_neighbours(block, size)?;
+        self.push_free(merged)
     }
 
     /// Wakes producers waiting for memory.
-    fn notify_space(&self) {
+    pub(super) fn notify_space(&self) {
         let heap = self.heap();
         // SeqCst: pairs with the SeqCst increment of `space_waiters` and re-load of `freed`
         // in `Channel::wait_for_space` (no lost wake-up).
@@ -547,6 +549,11 @@ impl Slab {
         futex_wake(&heap.segment_count, i32::MAX);
         Ok(Some(SlabRef::new(index, 0)))
     }
+}
+
+/// A block's `origin`: the allocating slot and the low 16 bits of its generation.
+pub fn origin_word(slot: SlotId) -> u32 {
+    (slot.generation & 0xffff) << 16 | u32::from(slot.index)
 }
 
 fn too_large(content_len: usize) -> Error {

@@ -3,6 +3,9 @@ use crate::layout::control_len;
 use crate::shm::ProcessId;
 use proptest::prelude::*;
 
+/// Owner word of a message being filled (by slot 0, generation 0).
+const MESSAGE: u64 = block::OWNER_SENDER << 48;
+
 fn slab(max: u64, first_segment: u64) -> Slab {
     let control = Segment::create(&Backing::Memfd, "tensorslab-slab-test", control_len(4)).unwrap();
     // SAFETY: a fresh zeroed segment large enough for the control block.
@@ -12,17 +15,15 @@ fn slab(max: u64, first_segment: u64) -> Slab {
         .heap
         .next_segment_len
         .store(first_segment, Ordering::Relaxed);
-    let me = ProcessId::current();
-    block.processes[0]
-        .state
-        .store(u64::from(me.pid), Ordering::Relaxed);
-    block.processes[0]
-        .start_time
-        .store(me.start_time, Ordering::Relaxed);
-    for fd in block.processes[0].segment_fds.iter() {
-        fd.store(-1, Ordering::Relaxed);
-    }
-    Slab::new(Arc::new(control), Backing::Memfd, 1, 0)
+    let me = ProcessId::current().unwrap();
+    let slot = block.claim_slot(me, -1).unwrap();
+    Slab::new(
+        Arc::new(control),
+        Backing::Memfd,
+        1,
+        slot,
+        crate::header::frame_buffer_refs,
+    )
 }
 
 /// Every free block, walked through the segments: (segment, offset, size).
@@ -51,7 +52,7 @@ fn free_blocks(slab: &Slab) -> Vec<(usize, usize, usize)> {
 fn everything_released_coalesces_to_whole_segments() {
     let slab = slab(64 << 20, 4 << 20);
     let blocks: Vec<_> = (0..200)
-        .map(|i| slab.allocate(100 + i * 977, 0).unwrap().unwrap())
+        .map(|i| slab.allocate(100 + i * 977, MESSAGE).unwrap().unwrap())
         .collect();
     for (i, allocation) in blocks.iter().enumerate() {
         assert!(allocation.capacity >= 100 + i * 977);
@@ -63,7 +64,7 @@ fn everything_released_coalesces_to_whole_segments() {
         .step_by(2)
         .chain(blocks.iter().step_by(2))
     {
-        let _ = slab.release(allocation.block);
+        let _ = slab.free_message(allocation.block);
     }
     assert_eq!(slab.usage().1, 0);
     let segments = slab.heap().segment_count.load(Ordering::Relaxed) as usize;
@@ -74,25 +75,25 @@ fn everything_released_coalesces_to_whole_segments() {
 #[test]
 fn refuses_more_than_max_and_reports_full() {
     let slab = slab(8 << 20, 2 << 20);
-    let error = slab.allocate(9 << 20, 0).unwrap_err();
+    let error = slab.allocate(9 << 20, MESSAGE).unwrap_err();
     assert!(error.to_string().contains("max_slab_bytes"), "{error}");
-    let a = slab.allocate(5 << 20, 0).unwrap().unwrap();
-    assert!(slab.allocate(5 << 20, 0).unwrap().is_none());
+    let a = slab.allocate(5 << 20, MESSAGE).unwrap().unwrap();
+    assert!(slab.allocate(5 << 20, MESSAGE).unwrap().is_none());
     assert!(!slab.has_space(5 << 20));
-    slab.release(a.block).unwrap();
+    slab.free_message(a.block).unwrap();
     assert!(slab.has_space(5 << 20));
 }
 
 #[test]
 fn rejects_bad_references() {
     let slab = slab(8 << 20, 2 << 20);
-    let a = slab.allocate(1000, 0).unwrap().unwrap();
+    let a = slab.allocate(1000, MESSAGE).unwrap().unwrap();
     assert!(slab
         .content(SlabRef::new(0, a.block.offset() + 64))
         .is_err());
     assert!(slab.content(SlabRef::new(0, 1 << 30)).is_err());
     assert!(slab.content(SlabRef::new(5, 0)).is_err());
-    slab.release(a.block).unwrap();
+    slab.free_message(a.block).unwrap();
     assert!(
         slab.content(a.block).is_err(),
         "a freed block must not read as used"
@@ -103,10 +104,10 @@ fn rejects_bad_references() {
 fn rebuild_after_a_lost_lock_holder_matches() {
     let slab = slab(32 << 20, 4 << 20);
     let blocks: Vec<_> = (0..50)
-        .map(|i| slab.allocate(4096 * (i % 7 + 1), 0).unwrap().unwrap())
+        .map(|i| slab.allocate(4096 * (i % 7 + 1), MESSAGE).unwrap().unwrap())
         .collect();
     for allocation in blocks.iter().step_by(3) {
-        slab.release(allocation.block).unwrap();
+        slab.free_message(allocation.block).unwrap();
     }
     let before = (free_blocks(&slab), slab.usage());
     slab.rebuild_free_lists();
@@ -117,7 +118,7 @@ fn rebuild_after_a_lost_lock_holder_matches() {
         .filter(|(i, _)| i % 3 != 0)
         .map(|(_, a)| a)
     {
-        slab.release(allocation.block).unwrap();
+        slab.free_message(allocation.block).unwrap();
     }
     assert_eq!(slab.usage().1, 0);
 }
@@ -131,8 +132,8 @@ proptest! {
         for (size, free_one) in ops {
             if free_one && !live.is_empty() {
                 let victim = live.swap_remove(size % live.len());
-                slab.release(victim.block).unwrap();
-            } else if let Some(allocation) = slab.allocate(size, 0).unwrap() {
+                slab.free_message(victim.block).unwrap();
+            } else if let Some(allocation) = slab.allocate(size, MESSAGE).unwrap() {
                 // SAFETY: the allocation is `capacity` bytes of mapped memory.
                 unsafe { std::ptr::write_bytes(allocation.address, 0xab, allocation.capacity) };
                 live.push(allocation);
@@ -144,7 +145,7 @@ proptest! {
             }
         }
         for allocation in live {
-            slab.release(allocation.block).unwrap();
+            slab.free_message(allocation.block).unwrap();
         }
         prop_assert_eq!(slab.usage().1, 0);
         let segments = slab.heap().segment_count.load(Ordering::Relaxed) as usize;
@@ -174,10 +175,10 @@ fn equal_messages_fill_the_limit_with_no_tail_wasted() {
     // Eight 8 MiB messages fit a 65 MiB limit: whole-block segments leave no gaps.
     let slab = slab(65 << 20, 4 << 20);
     let held: Vec<_> = (0..7)
-        .map(|_| slab.allocate(8 << 20, 0).unwrap().unwrap())
+        .map(|_| slab.allocate(8 << 20, MESSAGE).unwrap().unwrap())
         .collect();
     assert!(
-        slab.allocate(8 << 20, 0).unwrap().is_some(),
+        slab.allocate(8 << 20, MESSAGE).unwrap().is_some(),
         "mapped {}",
         slab.usage().0
     );

@@ -9,6 +9,11 @@ impl Slab {
     /// Every block in use with its owner word, walked under the heap lock.
     pub fn used_blocks(&self) -> Vec<(SlabRef, u64)> {
         let _guard = self.lock(&self.control().heap_lock);
+        self.used_blocks_locked()
+    }
+
+    /// `used_blocks` for a caller that holds the heap lock.
+    pub(super) fn used_blocks_locked(&self) -> Vec<(SlabRef, u64)> {
         let count = self.heap().segment_count.load(Ordering::Acquire) as usize;
         let mut used = vec![];
         for index in 0..count {

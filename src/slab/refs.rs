@@ -1,0 +1,236 @@
+//! Who holds a used block, and every operation that changes it.
+//!
+//! A **message block** (owner kinds `SENDER`, `QUEUED`, `RECEIVER`) has one holder at a
+//! time, named by its owner word: the producer filling it, then the ring, then the consumer
+//! that took it. It is freed with [`Slab::free_message`] by its holder, or by whoever reaps
+//! a dead holder.
+//!
+//! An **`alloc` block** (owner kinds `ALLOC`, `ORPHAN`) is held by its creator's views
+//! (the [`CREATOR`] bit of `refs`) and by every *complete* message (owner `QUEUED` or
+//! `RECEIVER`) that references it, once per entry in that message's frame. The creator's
+//! bit can only be dropped once (it is a bit, not a count), by the creator or by whoever
+//! reaps it: a dead creator's reference is never released twice.
+//!
+//! Every change to an `alloc` block's `refs` happens under the heap lock, in the same
+//! critical section as the change that makes it true: a message becomes complete in the
+//! section that counts its references ([`Slab::commit_message`]), and its references are
+//! dropped in the section that frees it ([`Slab::free_message`]). The counts are therefore
+//! derived data, like the free lists: a process that dies inside one of these sections
+//! leaves the heap lock held, and whoever breaks it recounts them from the complete
+//! messages' frames ([`Slab::recount_buffer_refs`]).
+use std::collections::HashMap;
+
+use super::block::{
+    owner_kind, owner_word, unpack, OWNER_ALLOC, OWNER_ORPHAN, OWNER_QUEUED, OWNER_RECEIVER,
+    OWNER_SENDER, STATE_USED,
+};
+use super::{Slab, SlabRef};
+use crate::error::{Error, Result};
+use crate::sync::Ordering;
+
+/// The `alloc` blocks a frame references; the channel supplies it (the wire format is a
+/// layer above the slab). Must not panic on any bytes.
+pub type BuffersOf = fn(&[u8]) -> Vec<SlabRef>;
+
+/// `refs` bit of an `alloc` block: its creator (the process that called `alloc`) still
+/// holds views of it.
+pub const CREATOR: u32 = 1 << 31;
+
+fn is_message(owner: u64) -> bool {
+    matches!(
+        owner_kind(owner),
+        OWNER_SENDER | OWNER_QUEUED | OWNER_RECEIVER
+    )
+}
+
+/// A message whose frame's references are counted.
+fn is_complete_message(owner: u64) -> bool {
+    matches!(owner_kind(owner), OWNER_QUEUED | OWNER_RECEIVER)
+}
+
+fn is_alloc(owner: u64) -> bool {
+    matches!(owner_kind(owner), OWNER_ALLOC | OWNER_ORPHAN)
+}
+
+fn check_owner(block: SlabRef, header: &super::BlockHeader, expected: Option<u64>) -> Result<()> {
+    let owner = header.owner.load(Ordering::Relaxed);
+    match expected {
+        Some(expected) if expected != owner => Err(Error::Incompatible(format!(
+            "slab block {:#x} changed hands (owner word {owner:#x}, expected {expected:#x})",
+            block.0
+        ))),
+        _ => Ok(()),
+    }
+}
+
+impl Slab {
+    /// A used block's header if its owner word satisfies `kind`, else an error naming it.
+    fn used_header(
+        &self,
+        block: SlabRef,
+        kind: fn(u64) -> bool,
+        what: &str,
+    ) -> Result<&super::BlockHeader> {
+        let (header, _, _) = self.content(block)?;
+        let owner = header.owner.load(Ordering::Relaxed);
+        if !kind(owner) {
+            return Err(Error::Incompatible(format!(
+                "slab reference {:#x} names a block that is not {what} (owner word {owner:#x}; corrupt descriptor?)",
+                block.0
+            )));
+        }
+        Ok(header)
+    }
+
+    /// Makes `message` complete: counts one reference to each of `buffers` (the `alloc`
+    /// blocks its frame lists) and hands it to `owner` (normally `QUEUED`), in one
+    /// critical section. Fails, changing nothing, when one of them is not an `alloc` block
+    /// in use.
+    pub fn commit_message(&self, message: SlabRef, buffers: &[SlabRef], owner: u64) -> Result<()> {
+        {
+            let _guard = self.lock(&self.control().heap_lock);
+            self.used_header(message, is_message, "a message")?;
+            let headers = buffers
+                .iter()
+                .map(|&buffer| self.used_header(buffer, is_alloc, "an alloc buffer"))
+                .collect::<Result<Vec<_>>>()?;
+            crate::failpoint!("commit_message.counting");
+            for header in headers {
+                // Relaxed: every change to `refs` of an alloc block is made under the heap
+                // lock, whose Acquire/Release orders them.
+                header.refs.fetch_add(1, Ordering::Relaxed);
+            }
+            self.header(message)?.owner.store(owner, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Frees a message block; when it is complete, drops the references its frame holds
+    /// (freeing `alloc` blocks nobody holds any more), in one critical section. Returns the
+    /// block's `origin` word (whose acknowledgement this is).
+    pub fn free_message(&self, message: SlabRef) -> Result<u32> {
+        self.free_message_of(message, None)
+    }
+
+    /// `free_message` only if the block's owner word is still `owner` (a reaper's snapshot
+    /// may be stale: the block may have been freed and handed out again since).
+    pub fn free_message_owned_by(&self, message: SlabRef, owner: u64) -> Result<u32> {
+        self.free_message_of(message, Some(owner))
+    }
+
+    fn free_message_of(&self, message: SlabRef, expected: Option<u64>) -> Result<u32> {
+        let origin = {
+            let _guard = self.lock(&self.control().heap_lock);
+            let header = self.used_header(message, is_message, "a message")?;
+            check_owner(message, header, expected)?;
+            let origin = header.origin.load(Ordering::Relaxed);
+            if is_complete_message(header.owner.load(Ordering::Relaxed)) {
+                for buffer in self.frame_buffers_of(message) {
+                    crate::failpoint!("free_message.dropping");
+                    self.drop_reference_locked(buffer, 1);
+                }
+            }
+            crate::failpoint!("free_message.freeing");
+            self.free_locked(message)?;
+            origin
+        };
+        self.notify_space();
+        Ok(origin)
+    }
+
+    /// Drops the creator's reference to an `alloc` block (its last view in the creating
+    /// process died). Does nothing if it was dropped already.
+    pub fn drop_creator(&self, block: SlabRef) -> Result<()> {
+        self.drop_creator_of(block, None)
+    }
+
+    /// `drop_creator` only if the block's owner word is still `owner` (its creator died).
+    pub fn drop_creator_owned_by(&self, block: SlabRef, owner: u64) -> Result<()> {
+        self.drop_creator_of(block, Some(owner))
+    }
+
+    fn drop_creator_of(&self, block: SlabRef, expected: Option<u64>) -> Result<()> {
+        {
+            let _guard = self.lock(&self.control().heap_lock);
+            let header = self.used_header(block, is_alloc, "an alloc buffer")?;
+            check_owner(block, header, expected)?;
+            if header.refs.load(Ordering::Relaxed) & CREATOR == 0 {
+                return Ok(());
+            }
+            // Only messages hold it now (for reports; the CREATOR bit is what counts).
+            header.owner.store(
+                owner_word(OWNER_ORPHAN, Default::default()),
+                Ordering::Relaxed,
+            );
+            crate::failpoint!("drop_creator.dropping");
+            self.drop_reference_locked(block, CREATOR);
+        }
+        self.notify_space();
+        Ok(())
+    }
+
+    /// Subtracts `amount` from an `alloc` block's `refs` (saturating: recounting repairs
+    /// what a corrupt count would need) and frees it at zero. Heap lock held.
+    fn drop_reference_locked(&self, block: SlabRef, amount: u32) {
+        let Ok(header) = self.used_header(block, is_alloc, "an alloc buffer") else {
+            return;
+        };
+        let refs = header.refs.load(Ordering::Relaxed);
+        let left = if amount == CREATOR {
+            refs & !CREATOR
+        } else {
+            (refs & !CREATOR).saturating_sub(amount) | (refs & CREATOR)
+        };
+        header.refs.store(left, Ordering::Relaxed);
+        if left == 0 {
+            let _ = self.free_locked(block);
+        }
+    }
+
+    /// The `alloc` blocks the frame in `message` references (none if it is unreadable).
+    fn frame_buffers_of(&self, message: SlabRef) -> Vec<SlabRef> {
+        let Ok((header, address, capacity)) = self.content(message) else {
+            return vec![];
+        };
+        let len = header.content_len.load(Ordering::Relaxed) as usize;
+        if len > capacity {
+            return vec![];
+        }
+        // SAFETY: `content` checked that the block's `capacity` bytes lie inside its mapped
+        // segment, and `len <= capacity`. Other processes may write these bytes meanwhile:
+        // `buffers_of` is a parser that tolerates any bytes, and its result is checked
+        // block by block by whoever uses it.
+        let frame = unsafe { std::slice::from_raw_parts(address, len) };
+        (self.buffers_of)(frame)
+    }
+
+    /// Recomputes every `alloc` block's `refs` from the complete messages' frames and frees
+    /// those nobody holds. Heap lock held (run after breaking it).
+    pub(super) fn recount_buffer_refs(&self) {
+        let used = self.used_blocks_locked();
+        let mut counts: HashMap<u64, u32> = HashMap::new();
+        for &(block, owner) in &used {
+            if is_complete_message(owner) {
+                for buffer in self.frame_buffers_of(block) {
+                    *counts.entry(buffer.0).or_default() += 1;
+                }
+            }
+        }
+        for &(block, owner) in &used {
+            if !is_alloc(owner) {
+                continue;
+            }
+            let Ok(header) = self.header(block) else {
+                continue;
+            };
+            let creator = header.refs.load(Ordering::Relaxed) & CREATOR;
+            let count = counts.get(&block.0).copied().unwrap_or(0);
+            let refs = creator | count.min(CREATOR - 1);
+            header.refs.store(refs, Ordering::Relaxed);
+            let (_, state) = unpack(header.size_state.load(Ordering::Relaxed));
+            if refs == 0 && state == STATE_USED {
+                let _ = self.free_locked(block);
+            }
+        }
+    }
+}
