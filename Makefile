@@ -24,7 +24,7 @@ EXAMPLES := $(wildcard examples/*.py)
 SMOKE_BENCHES := $(wildcard benches/compare.py)
 RUFF_PATHS := $(wildcard python tests benches examples)
 
-.PHONY: venv rust build test lint cargo-test pytest examples demo bench soak clean distclean
+.PHONY: venv rust build test lint cargo-test failpoints pytest examples demo bench soak clean distclean
 
 # --- set-up ---------------------------------------------------------------------------
 
@@ -52,17 +52,23 @@ build: venv rust
 
 # --- checks ---------------------------------------------------------------------------
 
-test: build lint cargo-test pytest examples
+test: build lint cargo-test failpoints pytest examples
 
 # The binding is behind the `python` feature, so clippy runs once more with it on.
 lint: venv rust
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --features python -- -D warnings
+	cargo clippy --features failpoints --all-targets -- -D warnings
 	ruff check $(RUFF_PATHS)
 
 cargo-test: rust
 	cargo test
+
+# Crash consistency: SIGKILL at every failpoint in every role, invariants checked after
+# (tests/failpoints.rs prints the matrix). The feature is never in wheels.
+failpoints: rust
+	cargo test --features failpoints --test failpoints
 
 pytest: build
 	$(PY) -m pytest -q

@@ -195,7 +195,7 @@ impl Channel {
         // Release: identity fields are complete before the magic marks the block valid
         // (pairs with the Acquire load in `validate`).
         block.magic.store(MAGIC, Ordering::Release);
-        let channel = Channel::join(control, backing, id, control_len)?;
+        let channel = Channel::join(control, backing, id, control_len, None)?;
         if options.slab_bytes.is_some() {
             // Map the first segment now, so the first put does not pay for it.
             if let Some(allocation) = channel
@@ -228,6 +228,7 @@ impl Channel {
                         Backing::from_env(),
                         ticket.channel_id,
                         ticket.control_len as usize,
+                        Some(ticket.pending),
                     );
                 }
                 Err(error) => last_error = Some(error),
@@ -242,17 +243,23 @@ impl Channel {
         )))
     }
 
+    /// Claims a slot in the channel and starts this process's watcher. `pending`: the
+    /// ticket being redeemed, adopted before anything can go wrong (see `adopt_pending`).
     fn join(
         control: Segment,
         backing: Backing,
         id: u64,
         control_len: usize,
+        pending: Option<u64>,
     ) -> Result<Arc<Channel>> {
         let control_fd = control.raw_fd();
         let control = Arc::new(control);
         // SAFETY: validated (or just initialised) control block inside a live mapping.
         let block = unsafe { &*control.base().cast::<ControlBlock>() };
         let slot = block.claim_slot(current_process()?, control_fd)?;
+        if let Some(pending) = pending {
+            block.adopt_pending(pending, slot);
+        }
         let channel = Arc::new(Channel {
             slab: Slab::new(control, backing, id, slot, crate::header::frame_buffer_refs),
             id,

@@ -368,24 +368,38 @@ impl ControlBlock {
         )))
     }
 
-    /// Redeems a pending entry for `redeemer`: takes it over (so the issuer's death no
-    /// longer drops it), runs `open` (which counts the redeemer's own handles), then clears
-    /// it. False if it was already redeemed or dropped (its issuer died, or the pickle was
-    /// loaded twice); `open` runs all the same.
+    /// Makes `redeemer` answerable for a pending entry it is about to redeem, so that if it
+    /// dies before redeeming, its reaper drops the entry (the issuer may live on, and would
+    /// keep the channel open for a handle nobody has). Called right after the redeemer
+    /// claims its slot. False if the entry is gone (redeemed, withdrawn, or dropped).
+    pub fn adopt_pending(&self, entry: u64, redeemer: SlotId) -> bool {
+        let taken = pending::with_owner(entry, redeemer);
+        self.handles.pending.iter().any(|cell| {
+            cell.load(Ordering::Acquire) == taken
+                || cell
+                    .compare_exchange(entry, taken, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+        })
+    }
+
+    /// Redeems a pending entry for `redeemer`: adopts it (unless `adopt_pending` did), runs
+    /// `open` (which counts the redeemer's own handles), then clears it. False if it was
+    /// already redeemed or dropped (its issuer died, or the pickle was loaded twice); `open`
+    /// runs all the same.
     pub fn redeem_pending(&self, entry: u64, redeemer: SlotId, open: impl FnOnce()) -> bool {
         let taken = pending::with_owner(entry, redeemer);
-        let cell = self.handles.pending.iter().find(|cell| {
-            cell.compare_exchange(entry, taken, Ordering::AcqRel, Ordering::Relaxed)
+        let adopted = self.adopt_pending(entry, redeemer);
+        open();
+        if !adopted {
+            return false;
+        }
+        // If we die between `open` and here, our reaper drops both our counts and the entry.
+        let cleared = self.handles.pending.iter().any(|cell| {
+            cell.compare_exchange(taken, 0, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         });
-        open();
-        let Some(cell) = cell else {
-            return false;
-        };
-        // If we die between `open` and here, our reaper drops both our counts and the entry.
-        let _ = cell.compare_exchange(taken, 0, Ordering::AcqRel, Ordering::Relaxed);
         self.handles_changed();
-        true
+        cleared
     }
 
     /// Withdraws a pending entry that will never be redeemed. False if it is gone already.
@@ -462,6 +476,7 @@ impl ControlBlock {
             {
                 continue;
             }
+            crate::failpoint!("reap.claimed");
             // Its handles stopped counting when the slot left LIVE; wake the waiters.
             self.handles_changed();
             for cell in self.handles.pending.iter() {
@@ -471,6 +486,7 @@ impl ControlBlock {
                 }
             }
             reclaim(tenure);
+            crate::failpoint!("reap.reclaimed");
             slot.control_fd.store(-1, Ordering::Relaxed);
             // Release: the reclaim above is complete before the slot can be claimed again.
             if slot

@@ -85,6 +85,7 @@ impl Channel {
         if !self.owned_here() {
             return;
         }
+        crate::failpoint!("release.before");
         if let Ok(origin) = self.slab.free_message(block) {
             self.uncount_outstanding(origin);
         }

@@ -45,8 +45,18 @@ impl Channel {
         {
             return;
         }
+        #[cfg(feature = "failpoints")]
+        if std::env::var_os("TENSORSLAB_FAILPOINT_NO_REAP").is_some() {
+            return; // the failpoint matrix decides who reaps, with `reap_now`
+        }
+        self.reap_now();
+    }
+
+    /// Looks for dead peers now and takes back what they held; returns how many slots were
+    /// freed.
+    pub fn reap_now(&self) -> usize {
         self.control()
-            .reap_dead(|process| process.liveness(), |dead| self.reclaim(dead));
+            .reap_dead(|process| process.liveness(), |dead| self.reclaim(dead))
     }
 
     /// Takes back the memory a dead process held (see "Crash recovery" in the module docs).

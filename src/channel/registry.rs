@@ -130,6 +130,12 @@ pub fn after_fork_in_child(count_inherited: bool, adopt: impl FnOnce()) {
         let control_fd = channel.slab.control_segment().raw_fd();
         match control.claim_slot(me, control_fd) {
             Ok(slot) => {
+                let pending = channel.fork_pending.load(Ordering::Relaxed);
+                if pending != 0 {
+                    // Answerable for it now: if this child dies before redeeming it, its
+                    // reaper drops it (the parent may live on).
+                    control.adopt_pending(pending, slot);
+                }
                 channel.slab.after_fork_in_child();
                 channel.slab.set_slot(slot);
                 channel.slab.publish_mapped_segments();

@@ -74,6 +74,7 @@ impl Channel {
             };
             return Err(error);
         }
+        crate::failpoint!("put.allocated");
         Ok(allocation)
     }
 

@@ -229,6 +229,7 @@ impl Slab {
             self.rebuild_free_lists();
             self.recount_buffer_refs();
         }
+        crate::failpoint!("lock.acquired");
         guard
     }
 
@@ -272,6 +273,7 @@ impl Slab {
         let segment = self.attach_from_peers(len, identity, |slot| {
             slot.segment_fds[index].load(Ordering::Acquire)
         })?;
+        crate::failpoint!("attach.mapped");
         self.control().processes[usize::from(self.slot())].segment_fds[index]
             .store(segment.raw_fd(), Ordering::Release);
         Ok(cell.get_or_init(|| segment))
@@ -369,6 +371,7 @@ impl Slab {
                 }
             },
         };
+        crate::failpoint!("allocate.taken");
         let header = self.header(block)?;
         let (found, _) = unpack(header.size_state.load(Ordering::Relaxed));
         if found - size >= MIN_BLOCK {
@@ -518,6 +521,7 @@ impl Slab {
         let name = format!("tensorslab-{:016x}-{index}", self.channel_id);
         let segment = Segment::create(&self.backing, &name, len)
             .map_err(|error| grow_error(error, len, mapped, max))?;
+        crate::failpoint!("grow.created");
         let record = &heap.segments[index];
         record.len.store(len as u64, Ordering::Relaxed);
         record
@@ -547,6 +551,7 @@ impl Slab {
         // Every process's watcher sleeps on this word: wake them to attach the segment
         // (see `channel::watcher`).
         futex_wake(&heap.segment_count, i32::MAX);
+        crate::failpoint!("grow.published");
         Ok(Some(SlabRef::new(index, 0)))
     }
 }

@@ -223,7 +223,12 @@ impl Slab {
             let Ok(header) = self.header(block) else {
                 continue;
             };
-            let creator = header.refs.load(Ordering::Relaxed) & CREATOR;
+            // The creator's bit is dropped in the same critical section that turns the owner
+            // word to ORPHAN, so only an ALLOC owner may still have it.
+            let creator = match owner_kind(owner) {
+                OWNER_ALLOC => header.refs.load(Ordering::Relaxed) & CREATOR,
+                _ => 0,
+            };
             let count = counts.get(&block.0).copied().unwrap_or(0);
             let refs = creator | count.min(CREATOR - 1);
             header.refs.store(refs, Ordering::Relaxed);
