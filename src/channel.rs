@@ -464,10 +464,23 @@ fn current_process() -> Result<ProcessId> {
     })
 }
 
-fn closed_by_senders() -> Error {
-    Error::Closed(
-        "every sender of this channel has closed or exited, and no message is left".into(),
-    )
+impl Channel {
+    /// The error for a side with no handle left: `PeerGone` when the last of them died
+    /// without closing, `Closed` otherwise.
+    pub(crate) fn side_gone(&self, side: Side) -> Error {
+        let (who, rest) = match side {
+            Side::Sender => ("sender", ", and no message is left"),
+            Side::Receiver => ("receiver", ""),
+        };
+        match self.control().died_last(side) {
+            Some(pid) => Error::PeerGone(format!(
+                "every {who} of this channel is gone{rest}; the last ones died without closing (pid {pid})"
+            )),
+            None => Error::Closed(format!(
+                "every {who} of this channel has closed or exited{rest}"
+            )),
+        }
+    }
 }
 
 fn validate(control: &Segment, expected_id: u64) -> Result<()> {

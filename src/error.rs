@@ -15,6 +15,12 @@ pub enum Error {
     /// Every peer on the other side has closed or exited.
     #[error("{0}")]
     Closed(String),
+    /// Every peer on the other side is gone, and the last of them died without closing.
+    #[error("{0}")]
+    PeerGone(String),
+    /// A limit of the channel's layout was reached (processes attached at once).
+    #[error("{0}")]
+    Limit(String),
     /// This handle was closed by its owner.
     #[error("{0}")]
     HandleClosed(String),

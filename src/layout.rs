@@ -119,7 +119,10 @@ pub struct HandleState {
     pub changed: AtomicU32,
     /// One past the highest slot index ever claimed: scans stop there.
     pub slots_used: AtomicU32,
-    pub _reserved: [AtomicU32; 2],
+    /// Per side (senders, receivers): pid of the last process reaped while it held
+    /// handles on that side, 0 once a handle opens on it again. A side that ends with a
+    /// death is reported as `PeerGone` rather than `Closed`.
+    pub last_dead: [AtomicU32; 2],
     /// Handles pickled (or inherited through fork) and not yet redeemed by their new
     /// process: `redeeming:1 | token:23 | generation:8 | senders:8 | receivers:8 | slot:16`
     /// (see `procs::pending`); 0 = empty.

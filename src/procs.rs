@@ -179,7 +179,21 @@ mod pending {
     }
 }
 
+fn side_index(side: Side) -> usize {
+    match side {
+        Side::Sender => 0,
+        Side::Receiver => 1,
+    }
+}
+
 impl ControlBlock {
+    /// Pid of the last process that died holding handles on `side`, if no handle opened
+    /// on that side since (see `HandleState::last_dead`).
+    pub fn died_last(&self, side: Side) -> Option<u32> {
+        let pid = self.handles.last_dead[side_index(side)].load(Ordering::Acquire);
+        (pid != 0).then_some(pid)
+    }
+
     /// Claims a free slot for process `me`, publishing its control descriptor.
     pub fn claim_slot(&self, me: ProcessId, control_fd: i32) -> Result<SlotId> {
         for (index, slot) in self.processes.iter().enumerate() {
@@ -234,7 +248,7 @@ impl ControlBlock {
                 generation,
             });
         }
-        Err(Error::Incompatible(format!(
+        Err(Error::Limit(format!(
             "channel already has {} processes attached, the most it can have; close handles in processes that no longer use it",
             self.processes.len()
         )))
@@ -274,6 +288,7 @@ impl ControlBlock {
         self.processes[usize::from(index)]
             .count(side)
             .fetch_add(count, Ordering::Release);
+        self.handles.last_dead[side_index(side)].store(0, Ordering::Release);
         self.handles_changed();
     }
 
@@ -363,7 +378,7 @@ impl ControlBlock {
                 return Ok(entry);
             }
         }
-        Err(Error::Full(format!(
+        Err(Error::Limit(format!(
             "{MAX_PENDING} handles of this channel are pickled or forked and not yet attached by their new process"
         )))
     }
@@ -475,6 +490,12 @@ impl ControlBlock {
                 .is_err()
             {
                 continue;
+            }
+            for side in [Side::Sender, Side::Receiver] {
+                if slot.count(side).load(Ordering::Acquire) > 0 {
+                    // Release: pairs with the Acquire load in `died_last`.
+                    self.handles.last_dead[side_index(side)].store(pid, Ordering::Release);
+                }
             }
             crate::failpoint!("reap.claimed");
             // Its handles stopped counting when the slot left LIVE; wake the waiters.

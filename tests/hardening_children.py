@@ -49,3 +49,23 @@ def starve_descriptors_then_receive(rx, count: int, starve_seconds: float) -> in
         message = rx.get(timeout=30)
         del message
     return count
+
+
+def put_then_die(tx, count: int) -> None:
+    """Put `count` messages, then die without closing anything (as SIGKILL would)."""
+    for seq in range(count):
+        tx.put({"seq": seq}, timeout=30)
+    os._exit(0)
+
+
+def take_then_close(rx) -> int:
+    message = rx.get(timeout=30)
+    rx.close()
+    return message["seq"]
+
+
+def wait_to_be_killed(handle, started) -> None:
+    """Hold `handle` open, say so, and sleep until killed."""
+    started.set()
+    time.sleep(600)
+    del handle

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import signal
 import time
 
 import pytest
@@ -15,7 +17,10 @@ from hardening_children import (
     ALLOC_BYTES,
     alloc_fill,
     alloc_put_then_exit,
+    put_then_die,
     starve_descriptors_then_receive,
+    take_then_close,
+    wait_to_be_killed,
 )
 from helpers import Child
 
@@ -71,3 +76,43 @@ def test_a_consumer_out_of_descriptors_does_not_take_its_producer_for_dead(ctx_n
             tx.put({"seq": seq}, timeout=30)
         assert child.join() == count
     tx.close()
+
+
+@pytest.mark.parametrize("ctx_name", ["fork", "spawn"])
+def test_producers_that_died_are_reported_as_peer_gone_after_their_messages(ctx_name):
+    tx, rx = tensorslab.channel(capacity=8)
+    with Child(ctx_name, put_then_die, tx, 3, timeout=60):
+        pass
+    tx.close()
+    assert [rx.get(timeout=30)["seq"] for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(tensorslab.PeerGone, match=r"died without closing \(pid \d+\)"):
+        rx.get(timeout=30)
+
+
+@pytest.mark.parametrize("ctx_name", ["fork", "spawn"])
+def test_receivers_that_closed_are_reported_as_closed_not_peer_gone(ctx_name):
+    tx, rx = tensorslab.channel(capacity=8)
+    tx.put({"seq": 5})
+    with Child(ctx_name, take_then_close, rx, timeout=60) as child:
+        rx.close()
+    assert child.join() == 5
+    with pytest.raises(tensorslab.Closed) as raised:
+        tx.put({"seq": 6}, timeout=30)
+    assert not isinstance(raised.value, tensorslab.PeerGone), raised.value
+
+
+@pytest.mark.parametrize("ctx_name", ["fork", "spawn"])
+def test_a_killed_receiver_is_reported_to_the_producer_as_peer_gone(ctx_name):
+    tx, rx = tensorslab.channel(capacity=8)
+    started = mp.get_context(ctx_name).Event()
+    child = Child(ctx_name, wait_to_be_killed, rx, started, timeout=60).start()
+    try:
+        assert started.wait(30), "the receiver never started"
+        rx.close()
+        child.process.kill()
+        child.join(expect_exitcode=-signal.SIGKILL)
+    finally:
+        child.kill()
+    wait_until_detached(tx, child.pid)
+    with pytest.raises(tensorslab.PeerGone, match="receiver"):
+        tx.put({"seq": 1}, timeout=30)

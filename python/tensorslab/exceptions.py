@@ -19,6 +19,7 @@ __all__ = [
     "EncodeError",
     "DecodeError",
     "IncompatibleError",
+    "LimitError",
     "ShmError",
 ]
 
@@ -40,7 +41,8 @@ class Closed(TensorslabError):
 
 
 class PeerGone(Closed):
-    """The other side vanished without closing (its processes died)."""
+    """Every handle on the other side is gone and the last of them died without closing
+    (their process was killed or crashed); a ``Closed``, so ``except Closed`` catches it."""
 
 
 class EncodeError(TensorslabError, TypeError):
@@ -53,6 +55,11 @@ class DecodeError(TensorslabError, ValueError):
 
 class IncompatibleError(TensorslabError):
     """The channel was created by another version of tensorslab, or its memory is corrupt."""
+
+
+class LimitError(TensorslabError):
+    """A fixed limit of the channel was reached: 256 processes attached at once, or 128
+    handles pickled and not yet loaded by their new process."""
 
 
 class ShmError(TensorslabError, OSError):

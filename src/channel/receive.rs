@@ -15,7 +15,7 @@ impl Channel {
             return Ok(received);
         }
         if !self.any_open(Side::Sender) {
-            return self.try_pop()?.ok_or_else(closed_by_senders);
+            return self.try_pop()?.ok_or_else(|| self.side_gone(Side::Sender));
         }
         if !block {
             return Err(Error::Empty("channel is empty".into()));
@@ -34,7 +34,10 @@ impl Channel {
                     return Ok(Some(received));
                 }
                 if !self.any_open(Side::Sender) {
-                    return self.try_pop()?.map(Some).ok_or_else(closed_by_senders);
+                    return self
+                        .try_pop()?
+                        .map(Some)
+                        .ok_or_else(|| self.side_gone(Side::Sender));
                 }
                 Ok(None)
             },

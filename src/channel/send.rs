@@ -7,9 +7,7 @@ use super::*;
 impl Channel {
     pub(super) fn ensure_receivers(&self) -> Result<()> {
         if !self.any_open(Side::Receiver) {
-            return Err(Error::Closed(
-                "every receiver of this channel has closed or exited".into(),
-            ));
+            return Err(self.side_gone(Side::Receiver));
         }
         Ok(())
     }

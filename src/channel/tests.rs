@@ -287,3 +287,82 @@ fn another_abi_version_is_refused_with_a_clear_error() {
         .store(ABI_VERSION, Ordering::Relaxed);
     assert!(validate(control, channel.id()).is_ok());
 }
+
+#[test]
+fn the_process_table_limit_is_a_limit_error_and_released_slots_come_back() {
+    let channel = channel(2, 4 << 20);
+    let control = channel.control();
+    let mut claimed = vec![];
+    // Claimed for this process: never reaped by this process's watcher meanwhile.
+    let me = ProcessId::current().unwrap();
+    let error = loop {
+        match control.claim_slot(me, -1) {
+            Ok(slot) => claimed.push(slot),
+            Err(error) => break error,
+        }
+    };
+    assert!(matches!(error, Error::Limit(_)), "{error}");
+    assert!(error.to_string().contains("256 processes"), "{error}");
+    assert_eq!(claimed.len(), layout::MAX_PROCESSES - 1);
+    for slot in claimed {
+        control.release_slot(slot);
+    }
+    // Released slots are claimed again, with the next generation.
+    let again = control.claim_slot(me, -1).unwrap();
+    assert_eq!(again.generation, 2);
+    control.release_slot(again);
+}
+
+/// A pid that belonged to a process that has exited.
+fn exited_pid() -> u32 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
+#[test]
+fn a_claimant_or_reaper_that_died_does_not_keep_its_slot() {
+    let channel = channel(2, 4 << 20);
+    let control = channel.control();
+    let me = ProcessId::current().unwrap();
+    let slot = control.claim_slot(me, -1).unwrap();
+    control.add_handles(slot.index, Side::Sender, 1);
+    let record = &control.processes[usize::from(slot.index)];
+    const CLAIMING: u64 = 1 << 30;
+    const REAPING: u64 = 2 << 30;
+    let generation = u64::from(slot.generation) << 32;
+    // Died half-way through claiming: the slot is free again.
+    record.state.store(
+        generation | CLAIMING | u64::from(exited_pid()),
+        Ordering::Release,
+    );
+    reap_until(&channel, &record.state, generation);
+    // Died half-way through reaping the slot's occupant: the next reaper takes over, and
+    // the occupant's handle no longer counts.
+    let slot = control.claim_slot(me, -1).unwrap();
+    control.add_handles(slot.index, Side::Sender, 1);
+    assert_eq!(channel.open_count(Side::Sender), 2);
+    let generation = u64::from(slot.generation) << 32;
+    record.state.store(
+        generation | REAPING | u64::from(exited_pid()),
+        Ordering::Release,
+    );
+    assert_eq!(channel.open_count(Side::Sender), 1);
+    reap_until(&channel, &record.state, generation);
+    assert_eq!(channel.open_count(Side::Sender), 1);
+}
+
+/// Reaps (this thread, or this process's watcher meanwhile) until `state` reads `expected`.
+fn reap_until(channel: &Channel, state: &AtomicU64, expected: u64) {
+    let started = std::time::Instant::now();
+    while state.load(Ordering::Acquire) != expected {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "slot state {:#x}, expected {expected:#x}",
+            state.load(Ordering::Acquire)
+        );
+        channel.reap_now();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

@@ -29,6 +29,8 @@ impl From<Error> for PyErr {
             Error::Full(m) => raise(py, "Full", m),
             Error::Empty(m) => raise(py, "Empty", m),
             Error::Closed(m) => raise(py, "Closed", m),
+            Error::PeerGone(m) => raise(py, "PeerGone", m),
+            Error::Limit(m) => raise(py, "LimitError", m),
             Error::HandleClosed(m) => PyValueError::new_err(m),
             Error::Interrupted => {
                 PyErr::take(py).unwrap_or_else(|| PyKeyboardInterrupt::new_err("interrupted"))
