@@ -69,6 +69,9 @@ pub struct SegmentRecord {
     pub len: AtomicU64,
     pub device: AtomicU64,
     pub inode: AtomicU64,
+    /// 1 once no live process holds the segment any more (its creator died before anyone
+    /// mapped it): never attached again, its bytes no longer count as mapped.
+    pub lost: AtomicU64,
 }
 
 /// The slab allocator's shared state; all of it is guarded by the heap lock except the
@@ -79,6 +82,12 @@ pub struct HeapState {
     /// Bumped whenever memory is freed or the slab grows; producers waiting for space sleep on it.
     pub freed: AtomicU32,
     pub space_waiters: AtomicU32,
+    /// The process creating a new segment outside the heap lock (a `lock::Holder` word),
+    /// 0 when none; set and cleared under the heap lock (see `Slab::allocate`).
+    pub growing: AtomicU32,
+    /// Set when the free lists must be rebuilt at the next taking of the heap lock (a
+    /// segment was found lost by a process that may have held the lock).
+    pub needs_rebuild: AtomicU32,
     pub _pad: AtomicU32,
     pub mapped_bytes: AtomicU64,
     pub used_bytes: AtomicU64,

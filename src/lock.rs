@@ -30,6 +30,17 @@ impl Holder {
         Holder((generation & GENERATION_MASK) << 16 | (u32::from(slot) + 1))
     }
 
+    /// The word stored for this holder (in a lock, or a reservation like
+    /// `HeapState::growing`).
+    pub fn word(self) -> u32 {
+        self.0
+    }
+
+    /// The holder a stored word names, if any.
+    pub fn from_word(word: u32) -> Option<Holder> {
+        Holder::from_state(word)
+    }
+
     fn from_state(state: u32) -> Option<Holder> {
         let holder = state & HOLDER_MASK;
         (holder & SLOT_MASK != 0).then_some(Holder(holder))

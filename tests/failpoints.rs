@@ -32,6 +32,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 const PRODUCER_POINTS: &[&str] = &[
     "put.allocated",
     "allocate.taken",
+    "grow.creating",
     "grow.created",
     "grow.published",
     "commit_message.counting",
@@ -312,7 +313,11 @@ fn drain(channel: &Channel) -> std::result::Result<Vec<u32>, String> {
         match take(channel, false) {
             Ok(Ok(seq)) => seqs.push(seq),
             Ok(Err(corrupt)) => return Err(corrupt),
-            Err(tensorslab::Error::Empty(_) | tensorslab::Error::Closed(_)) => return Ok(seqs),
+            Err(
+                tensorslab::Error::Empty(_)
+                | tensorslab::Error::Closed(_)
+                | tensorslab::Error::PeerGone(_),
+            ) => return Ok(seqs),
             Err(error) => return Err(format!("drain: {error}")),
         }
     }

@@ -47,6 +47,9 @@ impl Channel {
 
     pub(super) fn try_pop(&self) -> Result<Option<Received>> {
         let control = self.control();
+        // Map any new segment before taking the ring lock, never under it (mapping
+        // populates every page: milliseconds). Errors surface below, under the lock.
+        let _ = self.slab.attach_all();
         let entry = {
             let _guard = self.slab.lock(&control.ring_lock);
             let ring = self.ring();

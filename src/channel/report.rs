@@ -68,7 +68,8 @@ impl Channel {
     fn describe_holders(&self) -> String {
         let mut queued = 0;
         let mut kinds: [(usize, Vec<u32>); 3] = Default::default();
-        for (_, owner) in self.slab.used_blocks() {
+        // Not under the heap lock: a failing `put_nowait` in a loop must not stall frees.
+        for (_, owner) in self.slab.used_blocks_for_report() {
             let kind = match owner_kind(owner) {
                 OWNER_QUEUED => {
                     queued += 1;

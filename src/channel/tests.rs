@@ -366,3 +366,95 @@ fn reap_until(channel: &Channel, state: &AtomicU64, expected: u64) {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+#[test]
+fn a_segment_nobody_holds_is_marked_lost_once_and_never_retried() {
+    // As if a producer grew the slab and died before any peer mapped the new segment.
+    let channel = channel(2, 64 << 20);
+    send(&channel, b"before").unwrap();
+    let heap = &channel.control().heap;
+    let mapped = heap.mapped_bytes.load(Ordering::Relaxed);
+    let index = heap.segment_count.load(Ordering::Relaxed) as usize;
+    let record = &heap.segments[index];
+    record.len.store(1 << 20, Ordering::Relaxed);
+    record.device.store(1, Ordering::Relaxed);
+    record.inode.store(1, Ordering::Relaxed);
+    heap.mapped_bytes.fetch_add(1 << 20, Ordering::Relaxed);
+    heap.segment_count
+        .store(index as u32 + 1, Ordering::Release);
+
+    let error = channel.slab().attach_all().unwrap_err();
+    assert!(matches!(error, Error::Closed(_)), "{error}");
+    assert_eq!(record.lost.load(Ordering::Relaxed), 1);
+    assert_eq!(heap.mapped_bytes.load(Ordering::Relaxed), mapped);
+    // Known lost: not retried, and it does not stop the channel.
+    channel.slab().attach_all().unwrap();
+    let error = channel.slab().segment(index).unwrap_err();
+    assert!(error.to_string().contains("was lost"), "{error}");
+    assert_eq!(take(&channel).unwrap(), b"before");
+    send(&channel, b"after").unwrap();
+    assert_eq!(take(&channel).unwrap(), b"after");
+    assert_eq!(channel.shared_stats().used_blocks, 0);
+}
+
+#[test]
+fn attaching_never_opens_a_descriptor_that_is_not_the_segment() {
+    // A live peer whose recorded descriptor number now names something else (here a plain
+    // file; a tty or a FIFO in real life, where opening has effects): attaching must look
+    // at it with stat, never open it. inotify reports every open of the file.
+    let path = std::env::temp_dir().join(format!("tensorslab-test-{}", current_pid()));
+    std::fs::write(&path, b"not a segment").unwrap();
+    let mut peer = std::process::Command::new("sleep")
+        .arg("30")
+        .stdin(std::fs::File::open(&path).unwrap())
+        .spawn()
+        .unwrap();
+    // SAFETY: plain syscalls on descriptors this test owns.
+    let inotify = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    assert!(inotify >= 0);
+    let cpath = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid inotify descriptor and a NUL-terminated path.
+    assert!(unsafe { libc::inotify_add_watch(inotify, cpath.as_ptr(), libc::IN_OPEN) } >= 0);
+
+    let channel = channel(2, 4 << 20);
+    let id = ProcessId {
+        pid: peer.id(),
+        start_time: crate::shm::process_start_time(peer.id()).unwrap(),
+    };
+    let slot = channel.control().claim_slot(id, -1).unwrap();
+    let record = &channel.control().processes[usize::from(slot.index)];
+    let identity = FileIdentity {
+        device: 1,
+        inode: 1,
+    };
+    let result = channel
+        .slab()
+        .attach_from_peers(4096, identity, |candidate| {
+            if std::ptr::eq(candidate, record) {
+                0 // the peer's stdin: the plain file
+            } else {
+                -1
+            }
+        });
+    let Err(error) = result else {
+        panic!("attached a plain file as a segment");
+    };
+    assert!(
+        error.to_string().contains("not the expected segment"),
+        "{error}"
+    );
+    let mut events = [0u8; 256];
+    // SAFETY: reading into a live buffer of the given length.
+    let read = unsafe { libc::read(inotify, events.as_mut_ptr().cast(), events.len()) };
+    assert!(
+        read < 0,
+        "the peer's descriptor was opened ({read} bytes of inotify events)"
+    );
+
+    channel.control().release_slot(slot);
+    peer.kill().unwrap();
+    peer.wait().unwrap();
+    // SAFETY: closing the descriptor this test opened.
+    unsafe { libc::close(inotify) };
+    std::fs::remove_file(&path).unwrap();
+}

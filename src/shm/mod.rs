@@ -148,6 +148,22 @@ impl Segment {
     pub fn attach(pid: u32, fd: RawFd, len: usize, identity: FileIdentity) -> Result<Segment> {
         let path = format!("/proc/{pid}/fd/{fd}");
         let cpath = CString::new(path.clone()).expect("no NUL in a /proc path");
+        // Look before opening: `stat` follows the link without opening its target, so a
+        // descriptor that the process has reused for something else (a tty, a device,
+        // a FIFO, where opening alone has effects) is never opened.
+        // SAFETY: `stat` is plain old data that `stat()` fills on success.
+        let mut found: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `cpath` is NUL-terminated and `found` is a live `stat`.
+        if unsafe { libc::stat(cpath.as_ptr(), &mut found) } != 0 {
+            return Err(Error::last_os(format!(
+                "looking up shared memory through {path}"
+            )));
+        }
+        if (found.st_dev, found.st_ino) != (identity.device, identity.inode) {
+            return Err(Error::Incompatible(format!(
+                "{path} is not the expected segment (the process reused the descriptor)"
+            )));
+        }
         // SAFETY: `cpath` is NUL-terminated.
         let raw = unsafe { libc::open(cpath.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
         if raw < 0 {

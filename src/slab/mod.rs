@@ -163,9 +163,40 @@ impl Slab {
         // Acquire: pairs with the Release store in `grow`.
         let count = self.heap().segment_count.load(Ordering::Acquire) as usize;
         for index in 0..count {
-            self.segment(index)?;
+            if !self.is_lost(index) {
+                self.segment(index)?;
+            }
         }
         Ok(())
+    }
+
+    fn is_lost(&self, index: usize) -> bool {
+        self.heap()
+            .segments
+            .get(index)
+            .is_some_and(|record| record.lost.load(Ordering::Acquire) != 0)
+    }
+
+    /// Records that segment `index` is gone for good: no live process holds it, so nobody
+    /// can ever map it again (its creator died before any peer mapped it). Its blocks leave
+    /// the free lists at the next taking of the heap lock (this may run under it).
+    fn mark_lost(&self, index: usize) {
+        let heap = self.heap();
+        let record = &heap.segments[index];
+        // AcqRel: one process wins and does the accounting; pairs with `is_lost`.
+        if record
+            .lost
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            let len = record.len.load(Ordering::Relaxed);
+            let _ = heap
+                .mapped_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(len))
+                });
+            heap.needs_rebuild.store(1, Ordering::Release);
+        }
     }
 
     /// True when a live process other than this one holds segment `index`, so it survives
@@ -225,7 +256,9 @@ impl Slab {
                 broke = true;
             }
         });
-        if broke && heap_lock {
+        // Acquire: pairs with the Release store in `mark_lost`.
+        let lost_segment = heap_lock && self.heap().needs_rebuild.swap(0, Ordering::Acquire) != 0;
+        if (broke && heap_lock) || lost_segment {
             self.rebuild_free_lists();
             self.recount_buffer_refs();
         }
@@ -264,22 +297,34 @@ impl Slab {
                 "reference to slab segment {index}, which does not exist"
             )));
         }
+        if self.is_lost(index) {
+            return Err(Error::Incompatible(format!(
+                "slab segment {index} was lost: the process that created it died before any other mapped it"
+            )));
+        }
         let record = &heap.segments[index];
         let len = record.len.load(Ordering::Relaxed) as usize;
         let identity = FileIdentity {
             device: record.device.load(Ordering::Relaxed),
             inode: record.inode.load(Ordering::Relaxed),
         };
-        let segment = self.attach_from_peers(len, identity, |slot| {
-            slot.segment_fds[index].load(Ordering::Acquire)
-        })?;
+        let segment = self
+            .attach_from_peers(len, identity, |slot| {
+                slot.segment_fds[index].load(Ordering::Acquire)
+            })
+            .inspect_err(|error| {
+                if matches!(error, Error::Closed(_)) {
+                    self.mark_lost(index);
+                }
+            })?;
         crate::failpoint!("attach.mapped");
         self.control().processes[usize::from(self.slot())].segment_fds[index]
             .store(segment.raw_fd(), Ordering::Release);
         Ok(cell.get_or_init(|| segment))
     }
 
-    /// Opens a segment through any live process that holds it.
+    /// Opens a segment through any live process that holds it. `Closed` when no process
+    /// that may be alive has a descriptor of it (the segment is lost for good).
     pub fn attach_from_peers(
         &self,
         len: usize,
@@ -287,13 +332,31 @@ impl Slab {
         fd_of: impl Fn(&crate::layout::ProcessSlot) -> i32,
     ) -> Result<Segment> {
         let mut last_error = None;
-        for slot in self.control().processes.iter() {
-            let pid = slot.state.load(Ordering::Acquire) as u32;
+        for (index, slot) in self.control().processes.iter().enumerate() {
             let fd = fd_of(slot);
-            if pid == 0 || fd < 0 {
+            let Some(occupant) = slot.occupant(index as u16) else {
+                continue;
+            };
+            if fd < 0 {
                 continue;
             }
-            match Segment::attach(pid, fd, len, identity) {
+            // Only a process known alive: a dead one's descriptor numbers may name
+            // anything by now (`Segment::attach` checks the identity before opening, too).
+            match occupant.process.liveness() {
+                Liveness::Alive => {}
+                Liveness::Dead => continue,
+                Liveness::Unknown => {
+                    last_error = Some(Error::Os {
+                        context: format!(
+                            "cannot tell whether process {} (which holds slab memory) is alive",
+                            occupant.process.pid
+                        ),
+                        source: std::io::Error::other("liveness unknown"),
+                    });
+                    continue;
+                }
+            }
+            match Segment::attach(occupant.process.pid, fd, len, identity) {
                 Ok(segment) => return Ok(segment),
                 Err(error) => last_error = Some(error),
             }
@@ -353,24 +416,58 @@ impl Slab {
     }
 
     /// Allocates a block for `content_len` bytes, growing the slab if allowed.
-    /// `Ok(None)`: no room now (the caller may wait on `HeapState::freed`).
+    /// `Ok(None)`: no room now (the caller may wait on `HeapState::freed`, which is bumped
+    /// when memory is freed or the slab grows).
+    ///
+    /// Growing creates and maps a segment (`memfd_create`, `fallocate`, `MAP_POPULATE`:
+    /// milliseconds) *outside* the heap lock, so frees and other allocations never wait for
+    /// it: the grower reserves the growth under the lock (`HeapState::growing`), creates
+    /// the segment unlocked, and installs it under the lock. A reservation whose process
+    /// died is taken over; other allocators meanwhile get `None` and wait for `freed`.
     pub fn allocate(&self, content_len: usize, owner: u64) -> Result<Option<Allocation>> {
         let size = Self::block_size(content_len).ok_or_else(|| too_large(content_len))?;
         let max = self.control().max_slab_bytes.load(Ordering::Relaxed);
         if size as u64 > max {
             return Err(too_large_for(content_len, max));
         }
-        let _guard = self.lock(&self.control().heap_lock);
-        let block = match self.take_fitting(size)? {
-            Some(block) => block,
-            None => match self.grow(size)? {
-                Some(block) => block,
+        let (index, len) = {
+            let _guard = self.lock(&self.control().heap_lock);
+            if let Some(block) = self.take_fitting(size)? {
+                return self.carve(block, size, content_len, owner).map(Some);
+            }
+            match self.reserve_growth(size)? {
+                Some(growth) => growth,
                 None => {
                     self.check_can_ever_fit(content_len, size)?;
                     return Ok(None);
                 }
-            },
+            }
         };
+        let created = self.create_segment(index, len);
+        let _guard = self.lock(&self.control().heap_lock);
+        self.heap().growing.store(0, Ordering::Relaxed);
+        let allocation = match created {
+            Ok(segment) => {
+                let block = self.install_segment(index, segment)?;
+                self.carve(block, size, content_len, owner).map(Some)
+            }
+            Err(error) => Err(error),
+        };
+        drop(_guard);
+        // Grown, or the reservation is free again: waiters look again.
+        self.notify_space();
+        allocation
+    }
+
+    /// Marks `block` (free, unlinked, at least `size` bytes) used for `content_len` bytes
+    /// of `owner`, splitting off the tail. Heap lock held.
+    fn carve(
+        &self,
+        block: SlabRef,
+        size: usize,
+        content_len: usize,
+        owner: u64,
+    ) -> Result<Allocation> {
         crate::failpoint!("allocate.taken");
         let header = self.header(block)?;
         let (found, _) = unpack(header.size_state.load(Ordering::Relaxed));
@@ -401,11 +498,11 @@ impl Slab {
         let segment = self.segment(block.segment())?;
         // SAFETY: the block lies inside the segment (it came from the free lists / growth).
         let address = unsafe { segment.base().add(block.offset() + HEADER_LEN) };
-        Ok(Some(Allocation {
+        Ok(Allocation {
             block,
             address,
             capacity: size - HEADER_LEN,
-        }))
+        })
     }
 
     /// Fails when no amount of waiting could make room for a block of `size`: segments never
@@ -499,11 +596,29 @@ impl Slab {
         )
     }
 
-    /// Adds a segment big enough for a block of `size`; returns that whole segment as one
-    /// free (unlinked) block, or `None` when `max_slab_bytes` leaves no room.
-    fn grow(&self, size: usize) -> Result<Option<SlabRef>> {
+    /// Reserves the growth of the slab by a segment big enough for a block of `size`:
+    /// `(index, len)` of the segment to create, or `None` when `max_slab_bytes` leaves no
+    /// room or another live process is growing it right now. Heap lock held.
+    fn reserve_growth(&self, size: usize) -> Result<Option<(usize, usize)>> {
         let control = self.control();
         let heap = self.heap();
+        let growing = heap.growing.load(Ordering::Relaxed);
+        if growing != 0 {
+            let holder = Holder::from_word(growing);
+            let over = holder.is_none_or(|holder| {
+                control.tenure_over(
+                    holder.slot(),
+                    holder.generation(),
+                    GENERATION_MASK,
+                    |process| process.liveness(),
+                )
+            });
+            if !over {
+                return Ok(None);
+            }
+            // The grower died between reserving and installing: nothing of its growth is
+            // visible (its segment died with it); take the reservation over.
+        }
         let index = heap.segment_count.load(Ordering::Relaxed) as usize;
         let max = control.max_slab_bytes.load(Ordering::Relaxed);
         let mapped = heap.mapped_bytes.load(Ordering::Relaxed);
@@ -518,9 +633,34 @@ impl Slab {
             mapped,
             room,
         );
+        let me = self.slot_id();
+        heap.growing.store(
+            Holder::new(me.index, me.generation).word(),
+            Ordering::Relaxed,
+        );
+        Ok(Some((index, len)))
+    }
+
+    /// Creates and maps the segment a reservation planned (no lock held).
+    fn create_segment(&self, index: usize, len: usize) -> Result<Segment> {
+        let heap = self.heap();
         let name = format!("tensorslab-{:016x}-{index}", self.channel_id);
-        let segment = Segment::create(&self.backing, &name, len)
-            .map_err(|error| grow_error(error, len, mapped, max))?;
+        crate::failpoint!("grow.creating");
+        Segment::create(&self.backing, &name, len).map_err(|error| {
+            grow_error(
+                error,
+                len,
+                heap.mapped_bytes.load(Ordering::Relaxed),
+                self.control().max_slab_bytes.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Makes a created segment part of the slab (heap lock held); returns it as one free,
+    /// unlinked block.
+    fn install_segment(&self, index: usize, segment: Segment) -> Result<SlabRef> {
+        let heap = self.heap();
+        let len = segment.len();
         crate::failpoint!("grow.created");
         let record = &heap.segments[index];
         record.len.store(len as u64, Ordering::Relaxed);
@@ -552,7 +692,7 @@ impl Slab {
         // (see `channel::watcher`).
         futex_wake(&heap.segment_count, i32::MAX);
         crate::failpoint!("grow.published");
-        Ok(Some(SlabRef::new(index, 0)))
+        Ok(SlabRef::new(index, 0))
     }
 }
 

@@ -12,6 +12,13 @@ impl Slab {
         self.used_blocks_locked()
     }
 
+    /// `used_blocks` without the heap lock, for reports only (the text of a `Full` error):
+    /// every field is an atomic and every step is bounds-checked, so a walk racing with
+    /// splits and merges is sound, but it may stop early or miss a block.
+    pub fn used_blocks_for_report(&self) -> Vec<(SlabRef, u64)> {
+        self.used_blocks_locked()
+    }
+
     /// `used_blocks` for a caller that holds the heap lock.
     pub(super) fn used_blocks_locked(&self) -> Vec<(SlabRef, u64)> {
         let count = self.heap().segment_count.load(Ordering::Acquire) as usize;
