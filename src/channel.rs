@@ -505,6 +505,15 @@ fn validate(control: &Segment, expected_id: u64) -> Result<()> {
             "channel was created by a tensorslab with shared-memory ABI version {version}, this one speaks version {ABI_VERSION}; use the same tensorslab version in every process"
         )));
     }
+    // Offsets are never read from the header: the same ABI version means the same layout
+    // (see `layout::ABI_VERSION`), which the recorded size double-checks.
+    let header_size = block.header_size.load(Ordering::Relaxed) as usize;
+    if header_size != std::mem::size_of::<ControlBlock>() {
+        return Err(Error::Incompatible(format!(
+            "channel control block is {header_size} bytes, this tensorslab's is {} with the same ABI version {ABI_VERSION}: corrupt, or built from a modified layout",
+            std::mem::size_of::<ControlBlock>()
+        )));
+    }
     if block.channel_id.load(Ordering::Relaxed) != expected_id {
         return Err(Error::Incompatible(
             "attached segment belongs to another channel".into(),

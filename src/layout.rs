@@ -7,8 +7,9 @@
 //!
 //! Compatibility rule (as in rust-numpy's shared borrow-checking struct): `magic` and
 //! `abi_version` come first and never move; a process refuses a control block whose magic
-//! or ABI version differs from its own. Fields are only ever appended, and `header_size`
-//! records how large the block was when created.
+//! or ABI version differs from its own. Any change to the layout bumps the ABI version
+//! (offsets are never read from the header), and `header_size` records how large the block
+//! was when created: `validate` refuses a block whose size differs from its own.
 use crate::sync::{AtomicI32, AtomicU32, AtomicU64};
 
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TSLBCTL\0");

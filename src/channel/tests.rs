@@ -286,6 +286,18 @@ fn another_abi_version_is_refused_with_a_clear_error() {
         .abi_version
         .store(ABI_VERSION, Ordering::Relaxed);
     assert!(validate(control, channel.id()).is_ok());
+    // Same version, another size: refused too (offsets are never read from the header).
+    let size = channel.control().header_size.load(Ordering::Relaxed);
+    channel
+        .control()
+        .header_size
+        .store(size + 64, Ordering::Relaxed);
+    let error = validate(control, channel.id()).unwrap_err();
+    assert!(error.to_string().contains("control block is"), "{error}");
+    channel
+        .control()
+        .header_size
+        .store(size, Ordering::Relaxed);
 }
 
 #[test]
