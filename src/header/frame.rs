@@ -1,4 +1,5 @@
 //! The 32-byte frame prefix (see the module docs of `header` for the layout).
+use super::MAX_BYTES;
 use crate::error::{Error, Result};
 
 pub const FRAME_MAGIC: [u8; 4] = *b"TSLF";
@@ -26,7 +27,9 @@ pub fn align_payload(offset: usize) -> Option<usize> {
 
 impl FrameHeader {
     /// A frame for a value stream of `header_len` bytes and `payload_len` bytes of payload
-    /// area. `None` when the sizes do not fit the format.
+    /// area. `None` when the sizes do not fit the format (a stream or array count past
+    /// `u32`), or the frame would be larger than [`MAX_BYTES`], more than any block or
+    /// `bytes` object can hold.
     pub fn new(
         flags: u16,
         header_len: usize,
@@ -35,6 +38,9 @@ impl FrameHeader {
     ) -> Option<FrameHeader> {
         let payload_offset = align_payload(PREFIX_LEN.checked_add(header_len)?)?;
         let frame_len = payload_offset.checked_add(payload_len)?;
+        if frame_len > MAX_BYTES {
+            return None;
+        }
         Some(FrameHeader {
             flags,
             header_len: u32::try_from(header_len).ok()?,

@@ -87,11 +87,18 @@
 mod decode;
 mod encode;
 mod frame;
+mod sizes;
 pub mod value;
 
 pub use decode::{frame_buffer_refs, frame_buffers, payload_range, read_buffers, Reader};
 pub use encode::{Writer, FIXED_VARINT_LEN};
-pub use frame::{align_payload, FrameHeader, FLAG_PICKLE, FORMAT_VERSION, FRAME_MAGIC, PREFIX_LEN};
+pub use frame::{
+    align_payload, FrameHeader, FLAG_PICKLE, FORMAT_VERSION, FRAME_MAGIC, PAYLOAD_ALIGN, PREFIX_LEN,
+};
+pub use sizes::{
+    array_nbytes, byte_strides, contiguous_strides, describe_unaddressable, python_shape,
+    strided_span, MAX_BYTES,
+};
 
 /// Deepest nesting accepted, in both directions: deeper input is refused, not recursed, so a
 /// hostile frame cannot overflow the stack. (The encoder pickles subtrees deeper than this.)

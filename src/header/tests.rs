@@ -299,3 +299,42 @@ fn fixed_width_varints_read_back_and_patch_in_place() {
         assert_eq!(input.tag().unwrap(), Tag::True);
     }
 }
+
+/// Lengths from empty to past every limit the frame has (`u32` stream, `isize` frame).
+fn length() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        0usize..200,
+        (0u32..64).prop_map(|bits| 1usize << bits),
+        (0u32..64).prop_map(|bits| (1usize << bits) - 1),
+        Just(u32::MAX as usize),
+        Just(MAX_BYTES),
+        Just(usize::MAX),
+        any::<usize>(),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn frame_lengths_are_exact_or_refused(
+        header_len in length(),
+        array_count in length(),
+        payload_len in length(),
+    ) {
+        // The layout in u128, where nothing overflows.
+        let payload_offset = (PREFIX_LEN as u128 + header_len as u128).div_ceil(64) * 64;
+        let frame_len = payload_offset + payload_len as u128;
+        let fits = header_len as u128 <= u32::MAX as u128
+            && array_count as u128 <= u32::MAX as u128
+            && frame_len <= MAX_BYTES as u128;
+        match FrameHeader::new(0, header_len, array_count, payload_len) {
+            None => prop_assert!(!fits),
+            Some(header) => {
+                prop_assert!(fits);
+                prop_assert_eq!(header.payload_offset as u128, payload_offset);
+                prop_assert_eq!(header.frame_len as u128, frame_len);
+                prop_assert_eq!(header.payload_len() as u128, payload_len as u128);
+                prop_assert!(header.payload_offset as usize >= PREFIX_LEN + header_len);
+            }
+        }
+    }
+}

@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 
 use super::lease::Keeper;
 use crate::error::Error;
+use crate::header::contiguous_strides;
 
 pub const CAPSULE_NAME: &CStr = c"dltensor";
 pub const DEVICE_CPU: i32 = 1;
@@ -87,14 +88,15 @@ pub fn dtype_of(name: &str) -> Option<DLDataType> {
         })
 }
 
-/// A tensor exported by its owner: valid while the capsule it came from is alive.
+/// A tensor exported by its owner: valid while the capsule it came from is alive. Shape
+/// and strides are as the producer wrote them; the encoder checks what they imply.
 pub struct Exported {
     pub address: *const u8,
     pub device_type: i32,
     pub dtype: DLDataType,
-    pub shape: Vec<usize>,
-    /// In bytes; C-contiguous strides when the producer gave none.
-    pub strides: Vec<isize>,
+    pub shape: Vec<i64>,
+    /// In elements; `None`: C-contiguous (the producer gave none).
+    pub strides: Option<Vec<i64>>,
 }
 
 /// Reads the tensor behind a "dltensor" capsule without consuming it: the capsule keeps
@@ -111,7 +113,6 @@ pub fn read_capsule(capsule: &Bound<'_, PyAny>) -> PyResult<Exported> {
     let tensor = unsafe { &(*pointer.cast::<DLManagedTensor>()).dl_tensor };
     let ndim = usize::try_from(tensor.ndim)
         .map_err(|_| Error::Encode("DLPack tensor with negative ndim".into()))?;
-    let itemsize = (tensor.dtype.bits as usize).div_ceil(8) * tensor.dtype.lanes as usize;
     let shape: Vec<i64> = if ndim == 0 {
         vec![]
     } else {
@@ -119,15 +120,11 @@ pub fn read_capsule(capsule: &Bound<'_, PyAny>) -> PyResult<Exported> {
         // non-null).
         unsafe { std::slice::from_raw_parts(tensor.shape, ndim) }.to_vec()
     };
-    let shape: Vec<usize> = shape.iter().map(|&dim| dim.max(0) as usize).collect();
-    let strides: Vec<isize> = if tensor.strides.is_null() || ndim == 0 {
-        contiguous_strides(&shape, itemsize)
+    let strides = if tensor.strides.is_null() || ndim == 0 {
+        None
     } else {
         // SAFETY: as above.
-        unsafe { std::slice::from_raw_parts(tensor.strides, ndim) }
-            .iter()
-            .map(|&s| s as isize * itemsize as isize)
-            .collect()
+        Some(unsafe { std::slice::from_raw_parts(tensor.strides, ndim) }.to_vec())
     };
     let address = (tensor.data as *const u8).wrapping_add(tensor.byte_offset as usize);
     Ok(Exported {
@@ -137,16 +134,6 @@ pub fn read_capsule(capsule: &Bound<'_, PyAny>) -> PyResult<Exported> {
         shape,
         strides,
     })
-}
-
-pub fn contiguous_strides(shape: &[usize], itemsize: usize) -> Vec<isize> {
-    let mut strides = vec![0isize; shape.len()];
-    let mut step = itemsize as isize;
-    for (stride, dim) in strides.iter_mut().zip(shape).rev() {
-        *stride = step;
-        step *= (*dim).max(1) as isize;
-    }
-    strides
 }
 
 /// What a capsule we export owns: the DLManagedTensor first (its address is the context's),
@@ -183,7 +170,8 @@ unsafe extern "C" fn destroy_capsule(capsule: *mut ffi::PyObject) {
 }
 
 /// A "dltensor" capsule describing C-contiguous CPU memory at `address`, kept alive by
-/// `keeper` until the consumer (torch) frees it.
+/// `keeper` until the consumer (torch) frees it. `shape` must be one `array_nbytes`
+/// accepts (so its dimensions and strides fit in `i64`); others are refused.
 pub fn capsule<'py>(
     py: Python<'py>,
     address: *mut u8,
@@ -191,7 +179,19 @@ pub fn capsule<'py>(
     shape: &[usize],
     keeper: Keeper,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let itemsize = (dtype.bits as usize).div_ceil(8);
+    let unaddressable = || Error::InvalidArgument(format!("shape {shape:?} does not fit DLPack"));
+    let ndim = i32::try_from(shape.len()).map_err(|_| unaddressable())?;
+    let dims = shape
+        .iter()
+        .map(|&dim| i64::try_from(dim))
+        .collect::<Result<Vec<i64>, _>>()
+        .map_err(|_| unaddressable())?;
+    // In elements, as DLPack counts them.
+    let strides = contiguous_strides(shape, 1)
+        .ok_or_else(unaddressable)?
+        .into_iter()
+        .map(|stride| stride as i64)
+        .collect();
     let mut context = Box::new(Context {
         managed: DLManagedTensor {
             dl_tensor: DLTensor {
@@ -200,7 +200,7 @@ pub fn capsule<'py>(
                     device_type: DEVICE_CPU,
                     device_id: 0,
                 },
-                ndim: shape.len() as i32,
+                ndim,
                 dtype,
                 shape: std::ptr::null_mut(),
                 strides: std::ptr::null_mut(),
@@ -209,11 +209,8 @@ pub fn capsule<'py>(
             manager_ctx: std::ptr::null_mut(),
             deleter: Some(delete_context),
         },
-        shape: shape.iter().map(|&dim| dim as i64).collect(),
-        strides: contiguous_strides(shape, itemsize)
-            .iter()
-            .map(|&s| (s / itemsize as isize) as i64)
-            .collect(),
+        shape: dims,
+        strides,
         _keeper: keeper,
     });
     context.managed.dl_tensor.shape = context.shape.as_mut_ptr();

@@ -4,7 +4,7 @@ use pyo3::prelude::*;
 
 use super::encode::{copy_payloads, Encoded};
 use crate::error::Error;
-use crate::header::{FrameHeader, Writer, PREFIX_LEN};
+use crate::header::{FrameHeader, Writer, MAX_BYTES, PREFIX_LEN};
 
 pub struct Frame {
     pub header: FrameHeader,
@@ -19,7 +19,9 @@ impl Frame {
         for lease in &encoded.buffers {
             prelude.uvarint(lease.block().link());
         }
-        let stream_len = prelude.len() + encoded.stream.len();
+        // Saturating: a sum past `usize` (two vectors' lengths cannot reach it) would be
+        // refused below as too long a stream.
+        let stream_len = prelude.len().saturating_add(encoded.stream.len());
         let header = FrameHeader::new(
             encoded.flags,
             stream_len,
@@ -27,11 +29,24 @@ impl Frame {
             encoded.payload_len,
         )
         .ok_or_else(|| {
-            Error::InvalidArgument(format!("message header of {stream_len} bytes is too large"))
+            if u32::try_from(stream_len).is_err() {
+                Error::InvalidArgument(format!(
+                    "message header of {stream_len} bytes is larger than the {} bytes the \
+                     format allows",
+                    u32::MAX
+                ))
+            } else {
+                Error::InvalidArgument(format!(
+                    "message of {stream_len} header bytes and {} bytes of payload is larger \
+                     than the {MAX_BYTES} bytes one message can hold",
+                    encoded.payload_len
+                ))
+            }
         })?;
         Ok(Frame { header, prelude })
     }
 
+    /// At most `MAX_BYTES` (`FrameHeader::new`), so it fits in `usize` and `isize`.
     pub fn len(&self) -> usize {
         self.header.frame_len as usize
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use numpy::{PyArrayDescr, PyArrayDescrMethods};
-use pyo3::exceptions::{PyStopIteration, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyOverflowError, PyStopIteration, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 use pyo3::PyClassInitializer;
@@ -20,7 +20,9 @@ use super::lease::{register_alloc, Keeper, Lease, MessageLease};
 use super::types::{torch, torch_if_loaded};
 use crate::channel::{Channel, ChannelOptions, Received, Ticket};
 use crate::error::Error;
-use crate::header::{read_buffers, FrameHeader, Reader};
+use crate::header::{
+    array_nbytes, describe_unaddressable, read_buffers, FrameHeader, Reader, MAX_BYTES,
+};
 use crate::procs::Side;
 use crate::wait::Deadline;
 
@@ -265,10 +267,11 @@ impl Sender {
             blocked += publishing.elapsed();
             Ok(blocked)
         })?;
+        // Statistics only: saturate rather than fail a put that succeeded.
         slf.as_super()
             .get()
             .counters
-            .record(frame.len() + alloc_bytes, blocked);
+            .record(frame.len().saturating_add(alloc_bytes), blocked);
         Ok(())
     }
 
@@ -306,15 +309,7 @@ impl Sender {
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let channel = slf.as_super().get().open()?;
-        let shape: Vec<usize> = match shape.extract::<usize>() {
-            Ok(length) => vec![length],
-            Err(_) => shape.extract().map_err(|_| {
-                PyTypeError::new_err(format!(
-                    "shape must be an int or a sequence of non-negative ints, got {}",
-                    shape.repr().map(|r| r.to_string()).unwrap_or_default()
-                ))
-            })?,
-        };
+        let shape = alloc_shape(shape)?;
         let torch_dtype = match torch_if_loaded(py)? {
             Some(torch) if dtype.is_instance(torch.dtype.bind(py))? => {
                 let name = dtype.str()?.to_string();
@@ -342,14 +337,12 @@ impl Sender {
             (_, Some(descr)) => descr.itemsize(),
             _ => unreachable!("one of the dtypes is set"),
         };
-        let len = shape
-            .iter()
-            .try_fold(itemsize, |acc, &dim| acc.checked_mul(dim))
-            .ok_or_else(|| {
-                PyValueError::new_err(format!(
-                    "alloc of shape {shape:?} overflows the address space"
-                ))
-            })?;
+        let len = array_nbytes(&shape, itemsize).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "cannot alloc: {}",
+                describe_unaddressable("an array", &shape, itemsize)
+            ))
+        })?;
         let deadline = deadline(timeout)?;
         let (block, address) = wait(py, |interrupt| {
             channel
@@ -401,6 +394,47 @@ impl Receiver {
             Err(GetError::Core(Error::Closed(_))) => Err(PyStopIteration::new_err(())),
             other => other.map_err(|error| error.into_pyerr(py)),
         }
+    }
+}
+
+/// The `shape` argument of `alloc`: an int or a sequence of ints (anything with
+/// `__index__`, as NumPy takes). A dimension that is not an int is a `TypeError`; one that
+/// is negative or larger than any array may be, a `ValueError` naming it.
+fn alloc_shape(shape: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
+    let not_ints = || {
+        PyTypeError::new_err(format!(
+            "shape must be an int or a sequence of ints, got {}",
+            shape.repr().map(|r| r.to_string()).unwrap_or_default()
+        ))
+    };
+    // `extract::<usize>` goes through `__index__`: a TypeError means "not an int", an
+    // OverflowError an int out of range.
+    let is_int = |error: &PyErr| error.is_instance_of::<PyOverflowError>(shape.py());
+    match shape.extract::<usize>() {
+        Err(error) if !is_int(&error) => {} // a sequence, or no shape at all
+        extracted => return Ok(vec![dimension(0, shape, extracted)?]),
+    }
+    let mut dims = vec![];
+    for (axis, dim) in shape.try_iter().map_err(|_| not_ints())?.enumerate() {
+        let dim = dim?;
+        match dim.extract::<usize>() {
+            Err(error) if !is_int(&error) => return Err(not_ints()),
+            extracted => dims.push(dimension(axis, &dim, extracted)?),
+        }
+    }
+    Ok(dims)
+}
+
+/// Dimension `axis` of an `alloc` shape, `value` as given and as extracted to `usize`.
+fn dimension(axis: usize, value: &Bound<'_, PyAny>, extracted: PyResult<usize>) -> PyResult<usize> {
+    match extracted {
+        Ok(dim) if dim <= MAX_BYTES => Ok(dim),
+        _ if value.lt(0)? => Err(PyValueError::new_err(format!(
+            "shape[{axis}] is {value}: a dimension cannot be negative"
+        ))),
+        _ => Err(PyValueError::new_err(format!(
+            "shape[{axis}] is {value}, more than the {MAX_BYTES} an array dimension may be"
+        ))),
     }
 }
 

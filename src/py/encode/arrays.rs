@@ -7,9 +7,29 @@ use pyo3::types::{PyBytes, PyString};
 
 use super::copy::reserve_for;
 use super::{Encoder, Failure, Payload, Source, Step};
-use crate::header::{ArrayKind, Location, Tag, ARRAY_REQUIRES_GRAD};
-use crate::py::dlpack::{self, contiguous_strides, DEVICE_CPU};
+use crate::header::{
+    array_nbytes, byte_strides, contiguous_strides, describe_unaddressable, python_shape,
+    strided_span, ArrayKind, Location, Tag, ARRAY_REQUIRES_GRAD, MAX_BYTES,
+};
+use crate::py::dlpack::{self, DEVICE_CPU};
 use crate::py::lease::find_alloc;
+
+/// How an array's strides were given.
+pub(super) enum Strides {
+    /// In bytes (NumPy).
+    Bytes(Vec<isize>),
+    /// In elements (DLPack).
+    Elements(Vec<i64>),
+    /// None given: C-contiguous (DLPack's null strides).
+    Contiguous,
+}
+
+/// `value` as the `i64` the wire format writes; NumPy's sizes and offsets are `npy_intp`,
+/// so this only fails for a dtype no NumPy could make.
+fn wire_int(value: usize, what: &str) -> Result<i64, Failure> {
+    i64::try_from(value)
+        .map_err(|_| Failure::out_of_range(format!("dtype {what} of {value} does not fit in i64")))
+}
 
 impl<'py> Encoder<'py> {
     pub(super) fn numpy_scalar(&mut self, value: &Bound<'py, PyAny>) -> Step {
@@ -52,10 +72,10 @@ impl<'py> Encoder<'py> {
             self.out.uvarint(offsets.len() as u64);
             for offset in offsets {
                 self.out.tag(Tag::Int);
-                self.out.ivarint(offset as i64);
+                self.out.ivarint(wire_int(offset, "field offset")?);
             }
             self.out.tag(Tag::Int);
-            self.out.ivarint(dtype.itemsize() as i64);
+            self.out.ivarint(wire_int(dtype.itemsize(), "itemsize")?);
         } else if dtype.has_subarray() {
             self.out.tag(Tag::Tuple);
             self.out.uvarint(3);
@@ -66,7 +86,7 @@ impl<'py> Encoder<'py> {
             self.out.uvarint(shape.len() as u64);
             for dim in shape {
                 self.out.tag(Tag::Int);
-                self.out.ivarint(dim as i64);
+                self.out.ivarint(wire_int(dim, "subarray dimension")?);
             }
         } else {
             let text = dtype.getattr(intern!(py, "str"))?;
@@ -77,16 +97,22 @@ impl<'py> Encoder<'py> {
     }
 
     /// Writes an `ArrayRef` and returns true when `identity` was sent before in this message.
-    pub(super) fn seen(&mut self, identity: &Bound<'py, PyAny>) -> bool {
+    pub(super) fn seen(&mut self, identity: &Bound<'py, PyAny>) -> Result<bool, Failure> {
         let key = identity.as_ptr() as usize;
         if let Some(index) = self.arrays.get(&key) {
             self.out.tag(Tag::ArrayRef);
             self.out.uvarint(u64::from(*index));
-            return true;
+            return Ok(true);
         }
+        let Some(next) = self.array_count.checked_add(1) else {
+            return Err(Failure::out_of_range(format!(
+                "a message holds at most {} arrays and tensors",
+                u32::MAX
+            )));
+        };
         self.arrays.insert(key, self.array_count);
-        self.array_count += 1;
-        false
+        self.array_count = next;
+        Ok(false)
     }
 
     /// `identity`: the object the user passed (for `ArrayRef`; differs from `value` when
@@ -101,7 +127,7 @@ impl<'py> Encoder<'py> {
         if dtype.has_object() {
             return self.pickle(value, "is a NumPy array of Python objects");
         }
-        if self.seen(identity) {
+        if self.seen(identity)? {
             return Ok(());
         }
         let itemsize = dtype.itemsize();
@@ -112,13 +138,20 @@ impl<'py> Encoder<'py> {
         let shape = array.shape().to_vec();
         // SAFETY: `as_array_ptr` is the live array object; `data` is its buffer address.
         let address = unsafe { (*array.as_array_ptr()).fields.data } as *const u8;
-        let strides = array.strides().to_vec();
-        self.array_body(&shape, itemsize, address, strides, value.clone().unbind())
+        let strides = Strides::Bytes(array.strides().to_vec());
+        self.array_body(
+            "array",
+            &shape,
+            itemsize,
+            address,
+            strides,
+            value.clone().unbind(),
+        )
     }
 
     pub(super) fn tensor(&mut self, value: &Bound<'py, PyAny>, kind: ArrayKind) -> Step {
         let py = self.py;
-        if self.seen(value) {
+        if self.seen(value)? {
             return Ok(());
         }
         let requires_grad = value.getattr(intern!(py, "requires_grad"))?.is_truthy()?;
@@ -154,75 +187,146 @@ impl<'py> Encoder<'py> {
             0
         });
         self.out.str_value(name);
-        let itemsize = (exported.dtype.bits as usize).div_ceil(8);
+        let shape = exported
+            .shape
+            .iter()
+            .map(|&dim| usize::try_from(dim))
+            .collect::<Result<Vec<usize>, _>>()
+            .map_err(|_| {
+                Failure::out_of_range(format!(
+                    "tensor exported a negative dimension through DLPack: shape {:?}",
+                    exported.shape
+                ))
+            })?;
+        let strides = match exported.strides {
+            Some(strides) => Strides::Elements(strides),
+            None => Strides::Contiguous,
+        };
+        // `dtype_name` accepted the dtype: one lane of `bits` bits.
+        let itemsize = usize::from(exported.dtype.bits).div_ceil(8);
         self.array_body(
-            &exported.shape,
+            "tensor",
+            &shape,
             itemsize,
             exported.address,
-            exported.strides,
+            strides,
             capsule.unbind(),
         )
     }
 
-    /// Shape and location of an array whose elements are at `address` with `strides`.
+    /// Shape and location of an array (`what`: "array" or "tensor", for errors) whose
+    /// elements are at `address` with `strides`. Every size here comes from the caller's
+    /// object and is checked: a torch tensor may be `expand`ed to far more bytes than
+    /// memory holds, and a zero-stride view of 2^62 elements is a legitimate view.
     pub(super) fn array_body(
         &mut self,
+        what: &str,
         shape: &[usize],
         itemsize: usize,
         address: *const u8,
-        strides: Vec<isize>,
+        strides: Strides,
         keep: Py<PyAny>,
     ) -> Step {
+        let Some(len) = array_nbytes(shape, itemsize) else {
+            let mut message = describe_unaddressable(what, shape, itemsize);
+            if !shape.contains(&0) {
+                // Only a view with zero strides (`expand`, `broadcast_to`) gets this large.
+                message.push_str("; send it before expanding it, and expand it after receiving");
+            }
+            return Err(Failure::out_of_range(message));
+        };
         self.out.uvarint(shape.len() as u64);
         for dim in shape {
             self.out.uvarint(*dim as u64);
         }
-        let len = shape.iter().product::<usize>() * itemsize;
-        let contiguous = len == 0 || is_c_contiguous(shape, &strides, itemsize);
-        if contiguous && len > 0 {
-            if let Some(location) = self.alloc_location(address, len) {
-                self.out.location(location);
-                return Ok(());
-            }
-        }
-        let source = if contiguous {
-            Source::Contiguous { address, len }
-        } else {
-            Source::Strided {
-                address,
-                itemsize,
-                shape: shape.to_vec(),
-                strides,
+        // An empty array's strides address nothing, however large they are.
+        let strides = match strides {
+            _ if len == 0 => None,
+            Strides::Contiguous => None,
+            Strides::Bytes(strides) => Some(strides),
+            Strides::Elements(elements) => Some(
+                byte_strides(&elements, itemsize)
+                    .ok_or_else(|| strides_overflow(what, shape, &elements))?,
+            ),
+        };
+        let strides = match strides {
+            Some(strides) if !is_c_contiguous(shape, &strides, itemsize) => strides,
+            // Contiguous or empty: one copy, or none at all from an `alloc` buffer.
+            _ => {
+                if len > 0 {
+                    if let Some(location) = self.alloc_location(address, len)? {
+                        self.out.location(location);
+                        return Ok(());
+                    }
+                }
+                return self.push_payload(Source::Contiguous { address, len }, len, keep);
             }
         };
-        self.push_payload(source, len, keep);
-        Ok(())
+        // The gather walks these strides: prove once that no offset it computes overflows.
+        if strided_span(shape, &strides, itemsize).is_none() {
+            return Err(strides_overflow(what, shape, &strides));
+        }
+        let source = Source::Strided {
+            address,
+            itemsize,
+            shape: shape.to_vec(),
+            strides,
+        };
+        self.push_payload(source, len, keep)
     }
 
     /// The location of `address..+len` inside one of this channel's `alloc` buffers.
-    pub(super) fn alloc_location(&mut self, address: *const u8, len: usize) -> Option<Location> {
-        let channel_id = self.channel_id?;
-        let (lease, offset) = find_alloc(channel_id, address as usize, len)?;
+    pub(super) fn alloc_location(
+        &mut self,
+        address: *const u8,
+        len: usize,
+    ) -> Result<Option<Location>, Failure> {
+        let Some(channel_id) = self.channel_id else {
+            return Ok(None);
+        };
+        let Some((lease, offset)) = find_alloc(channel_id, address as usize, len) else {
+            return Ok(None);
+        };
+        // Views of one buffer may be referenced any number of times; their sum only feeds
+        // statistics, but it must not wrap either.
+        self.alloc_bytes = self
+            .alloc_bytes
+            .checked_add(len)
+            .filter(|&total| total <= MAX_BYTES)
+            .ok_or_else(|| {
+                Failure::out_of_range(format!(
+                    "the message references more than {MAX_BYTES} bytes of alloc buffers"
+                ))
+            })?;
         let block = lease.block();
         if !self.buffers.iter().any(|held| held.block() == block) {
             self.buffers.push(lease);
         }
-        self.alloc_bytes += len;
-        Some(Location {
+        Ok(Some(Location {
             block: block.link(),
             offset: offset as u64,
             nbytes: len as u64,
-        })
+        }))
     }
 
     /// Records a payload to copy into this frame and writes its location. The offset is a
     /// placeholder, fixed once the frame's address is known (see `Encoded::place`); the
-    /// area reserves room for that placement.
-    pub(super) fn push_payload(&mut self, source: Source, len: usize, keep: Py<PyAny>) {
+    /// area reserves room for that placement. The area's size is summed with checks: many
+    /// payloads, each addressable alone, may add up to more than any memory.
+    pub(super) fn push_payload(&mut self, source: Source, len: usize, keep: Py<PyAny>) -> Step {
+        let total = reserve_for(len)
+            .and_then(|reserved| self.payload_len.checked_add(reserved))
+            .filter(|&total| total <= MAX_BYTES);
+        let Some(total) = total else {
+            return Err(Failure::out_of_range(format!(
+                "its {len} bytes of payload bring the message past {MAX_BYTES} bytes, \
+                 more than one message can hold; send the arrays in several messages"
+            )));
+        };
+        self.payload_len = total;
         self.out.uvarint(0);
         let offset_at = self.out.uvarint_fixed(0);
         self.out.uvarint(len as u64);
-        self.payload_len += reserve_for(len);
         self.payloads.push(Payload {
             source,
             offset: 0,
@@ -230,11 +334,25 @@ impl<'py> Encoder<'py> {
             len,
             keep,
         });
+        Ok(())
     }
 }
 
+/// An array whose strides reach offsets past `isize` (from a producer that lies about its
+/// memory: real memory is smaller).
+fn strides_overflow(what: &str, shape: &[usize], strides: &dyn std::fmt::Debug) -> Failure {
+    Failure::out_of_range(format!(
+        "{what} of shape {} has strides {strides:?} that reach past the address space",
+        python_shape(shape)
+    ))
+}
+
+/// Whether `strides` are the C-order strides of `shape` (ignoring axes of length 1, as
+/// NumPy does). A shape whose C-order strides overflow is not contiguous.
 fn is_c_contiguous(shape: &[usize], strides: &[isize], itemsize: usize) -> bool {
-    let expected = contiguous_strides(shape, itemsize);
+    let Some(expected) = contiguous_strides(shape, itemsize) else {
+        return false;
+    };
     shape
         .iter()
         .zip(strides.iter().zip(expected.iter()))

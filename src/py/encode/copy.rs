@@ -8,7 +8,7 @@
 //! `(destination - source) mod 4096` is about 2 KiB, which needs the frame's address: the
 //! area reserves a page per large payload and the offsets are patched into the stream.
 use super::{Encoded, Payload, Source};
-use crate::header::align_payload;
+use crate::header::{align_payload, PAYLOAD_ALIGN};
 
 /// Payloads at least this large get an aliasing-free placement (smaller ones copy in a
 /// few cache lines, where it does not matter).
@@ -16,9 +16,9 @@ const ALIAS_MIN: usize = 16 << 10;
 const PAGE: usize = 4096;
 
 /// Bytes of payload area to reserve for a payload of `len` bytes: alignment, plus a page
-/// of placement slack for large payloads.
-pub fn reserve_for(len: usize) -> usize {
-    len + 63 + if len >= ALIAS_MIN { PAGE } else { 0 }
+/// of placement slack for large payloads. `None` past `usize`.
+pub fn reserve_for(len: usize) -> Option<usize> {
+    len.checked_add(PAYLOAD_ALIGN - 1 + if len >= ALIAS_MIN { PAGE } else { 0 })
 }
 
 fn source_address(source: &Source) -> usize {
@@ -31,6 +31,11 @@ impl Encoded {
     /// Chooses every payload's offset for a payload area starting at address `area` and
     /// writes the offsets into the value stream. `area == None` (bytes for `dumps`, where
     /// the address does not matter): offsets are packed.
+    ///
+    /// No sum here can overflow: each payload moves `cursor` by at most its `reserve_for`
+    /// (at most 63 bytes of alignment, plus under a page of shift for a large one), and
+    /// `push_payload` checked that those reservations add up to `payload_len`, which fits
+    /// in the frame, which fits in memory at `area`.
     pub fn place(&mut self, area: Option<usize>) {
         let mut cursor = 0usize;
         for payload in self.payloads.iter_mut() {
@@ -104,6 +109,9 @@ unsafe fn copy_strided(
     let mut index = vec![0usize; outer];
     let mut written = 0usize;
     loop {
+        // Plain arithmetic: each partial sum is the offset of an element (the one with the
+        // remaining indices 0), and `array_body` checked with `strided_span` that every
+        // element's offset fits in `isize`; `written` stays below the payload's length.
         let offset: isize = index
             .iter()
             .zip(strides)

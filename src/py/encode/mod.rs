@@ -81,7 +81,19 @@ pub struct Encoded {
 pub struct Failure {
     path: Vec<String>,
     message: String,
-    cause: Option<PyErr>,
+    /// Boxed: a `Failure` travels in every `Result` of the encoder, so it stays small.
+    cause: Option<Box<PyErr>>,
+    kind: Kind,
+}
+
+/// The exception a [`Failure`] raises.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// `EncodeError` (a `TypeError`): a value tensorslab cannot send.
+    Refused,
+    /// `ValueError`: a size computed from the value (an array's bytes, the message's
+    /// payloads) does not fit in memory.
+    OutOfRange,
 }
 
 impl Failure {
@@ -90,6 +102,14 @@ impl Failure {
             path: vec![],
             message: message.into(),
             cause: None,
+            kind: Kind::Refused,
+        }
+    }
+
+    fn out_of_range(message: impl Into<String>) -> Failure {
+        Failure {
+            kind: Kind::OutOfRange,
+            ..Failure::new(message)
         }
     }
 
@@ -98,16 +118,21 @@ impl Failure {
         self
     }
 
-    /// The `EncodeError` to raise, e.g. `msg['batch'][3].weight: cannot send ...`.
+    /// The `EncodeError` (or `ValueError`) to raise, e.g. `msg['batch'][3].weight: cannot
+    /// send ...`.
     pub fn into_pyerr(self, py: Python<'_>) -> PyErr {
         let mut where_ = String::from("msg");
         for segment in self.path.iter().rev() {
             where_.push_str(segment);
         }
-        let error: PyErr =
-            crate::error::Error::Encode(format!("{where_}: {}", self.message)).into();
+        let message = format!("{where_}: {}", self.message);
+        let error: PyErr = match self.kind {
+            Kind::Refused => crate::error::Error::Encode(message),
+            Kind::OutOfRange => crate::error::Error::InvalidArgument(message),
+        }
+        .into();
         if let Some(cause) = self.cause {
-            error.set_cause(py, Some(cause));
+            error.set_cause(py, Some(*cause));
         }
         error
     }
@@ -119,7 +144,8 @@ impl From<PyErr> for Failure {
         Failure {
             path: vec![],
             message,
-            cause: Some(error),
+            cause: Some(Box::new(error)),
+            kind: Kind::Refused,
         }
     }
 }
@@ -456,8 +482,7 @@ impl<'py> Encoder<'py> {
             },
             data.len(),
             keep.unbind(),
-        );
-        Ok(())
+        )
     }
 
     fn items<I: Iterator<Item = Bound<'py, PyAny>>>(&mut self, len: usize, items: I) -> Step {
@@ -564,9 +589,8 @@ impl<'py> Encoder<'py> {
                     error.value(py)
                 );
                 Failure {
-                    path: vec![],
-                    message,
-                    cause: Some(error),
+                    cause: Some(Box::new(error)),
+                    ..Failure::new(message)
                 }
             })?;
         self.flags |= FLAG_PICKLE;
@@ -585,7 +609,7 @@ impl<'py> Encoder<'py> {
                 },
                 slice.len(),
                 data.clone().unbind(),
-            );
+            )?;
         }
         self.out.uvarint(buffers.len() as u64);
         for buffer in buffers.iter() {
@@ -600,7 +624,7 @@ impl<'py> Encoder<'py> {
             let len = array.len();
             // SAFETY: a live one-dimensional byte array; `data` is its buffer.
             let address = unsafe { (*array.as_array_ptr()).fields.data } as *const u8;
-            self.push_payload(Source::Contiguous { address, len }, len, bytes.unbind());
+            self.push_payload(Source::Contiguous { address, len }, len, bytes.unbind())?;
         }
         Ok(())
     }
