@@ -85,6 +85,8 @@ pub struct Channel {
     last_reap: AtomicU64,
     /// Per segment: seen mapped by another live process (see `wait_until_held_elsewhere`).
     held_elsewhere: Vec<AtomicBool>,
+    /// Releases that found the heap lock taken (see `receive::Deferred`).
+    deferred: std::sync::Mutex<Vec<receive::Deferred>>,
 }
 
 /// A message taken from the ring.
@@ -272,6 +274,7 @@ impl Channel {
             held_elsewhere: (0..layout::MAX_SEGMENTS)
                 .map(|_| AtomicBool::new(false))
                 .collect(),
+            deferred: std::sync::Mutex::new(Vec::new()),
         });
         registry::insert(&channel);
         watcher::start(&channel);
@@ -525,6 +528,7 @@ fn validate(control: &Segment, expected_id: u64) -> Result<()> {
 impl Drop for Channel {
     fn drop(&mut self) {
         registry::remove(self.id);
+        self.run_deferred();
         if self.owned_here() {
             self.control().release_slot(self.slab.slot_id());
         }

@@ -57,6 +57,23 @@ impl Holder {
 }
 
 impl LockWord {
+    /// Takes the lock for `me` if it is free, or becomes free within a short spin; never
+    /// sleeps (for callers that must not wait, e.g. destructors holding the GIL).
+    pub fn try_lock(&self, me: Holder) -> Option<LockGuard<'_>> {
+        for _ in 0..SPINS {
+            // Acquire: pairs with the Release in `LockGuard::drop`.
+            if self
+                .state
+                .compare_exchange(0, me.0, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Some(LockGuard { word: self });
+            }
+            spin_hint();
+        }
+        None
+    }
+
     /// Takes the lock for `me`. `stuck` runs every sleep interval with the current holder;
     /// it may break a dead holder's lock by calling [`force_release`].
     pub fn lock(&self, me: Holder, mut stuck: impl FnMut(Holder)) -> LockGuard<'_> {

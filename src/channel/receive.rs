@@ -3,6 +3,15 @@
 
 use super::*;
 
+/// A release that found the heap lock taken. Destructors (the last view of a message
+/// dying, with the GIL held) must not wait for another process's critical section, so the
+/// release is queued here and run soon after by this process (see `run_deferred`). The
+/// block stays owned by this process meanwhile: if it dies, its reaper frees it.
+pub(super) enum Deferred {
+    Message(SlabRef),
+    Creator(SlabRef),
+}
+
 impl Channel {
     /// Takes the next message, waiting while `deadline` allows.
     pub fn receive(
@@ -11,6 +20,7 @@ impl Channel {
         deadline: Deadline,
         interrupt: Interrupt,
     ) -> Result<Received> {
+        self.run_deferred();
         if let Some(received) = self.try_pop()? {
             return Ok(received);
         }
@@ -86,14 +96,66 @@ impl Channel {
     }
 
     /// Frees a received message's block (and its references to `alloc` buffers) once its
-    /// last view is gone, and counts the acknowledgement for its sender.
+    /// last view is gone, and counts the acknowledgement for its sender. Never waits: if
+    /// the heap lock is taken, the release is deferred (see [`Deferred`]).
     pub fn release_message(&self, block: SlabRef) {
         if !self.owned_here() {
             return;
         }
         crate::failpoint!("release.before");
-        if let Ok(origin) = self.slab.free_message(block) {
-            self.uncount_outstanding(origin);
+        match self.slab.try_free_message(block) {
+            Ok(Some(origin)) => self.uncount_outstanding(origin),
+            Ok(None) => self.defer(Deferred::Message(block)),
+            Err(_) => {}
+        }
+    }
+
+    /// Drops this process's hold on an `alloc` buffer (its last view here died); messages
+    /// that reference it keep it. Never waits, as `release_message`.
+    pub fn release_buffer(&self, block: SlabRef) {
+        if !self.owned_here() {
+            return;
+        }
+        if let Ok(false) = self.slab.try_drop_creator(block) {
+            self.defer(Deferred::Creator(block));
+        }
+    }
+
+    fn defer(&self, release: Deferred) {
+        // `try_lock`: a fork child may inherit the list locked by a thread that does not
+        // exist there; then (or while another thread drains) the release just waits.
+        match self.deferred.try_lock() {
+            Ok(mut list) => list.push(release),
+            Err(_) => self.run(release),
+        }
+    }
+
+    fn run(&self, release: Deferred) {
+        match release {
+            Deferred::Message(block) => {
+                if let Ok(origin) = self.slab.free_message(block) {
+                    self.uncount_outstanding(origin);
+                }
+            }
+            Deferred::Creator(block) => {
+                let _ = self.slab.drop_creator(block);
+            }
+        }
+    }
+
+    /// Runs the releases deferred in this process (waiting for the heap lock). Called by
+    /// the watcher thread, before blocking calls and when the channel is dropped, never
+    /// from a destructor. In a fork child the list is the parent's: left alone.
+    pub fn run_deferred(&self) {
+        if !self.owned_here() {
+            return;
+        }
+        let releases = match self.deferred.try_lock() {
+            Ok(mut list) if !list.is_empty() => std::mem::take(&mut *list),
+            _ => return,
+        };
+        for release in releases {
+            self.run(release);
         }
     }
 

@@ -21,6 +21,7 @@ impl Channel {
         deadline: Deadline,
         interrupt: Interrupt,
     ) -> Result<Allocation> {
+        self.run_deferred();
         self.ensure_receivers()?;
         if !block && self.ring().is_full() {
             return Err(self.ring_full_error());
@@ -213,13 +214,5 @@ impl Channel {
     /// Gives back a block whose put failed (and the references `publish` counted for it).
     pub fn abort_put(&self, allocation: &Allocation) {
         let _ = self.slab.free_message(allocation.block);
-    }
-
-    /// Drops this process's hold on an `alloc` buffer (its last view here died); messages
-    /// that reference it keep it.
-    pub fn release_buffer(&self, block: SlabRef) {
-        if self.owned_here() {
-            let _ = self.slab.drop_creator(block);
-        }
     }
 }

@@ -294,10 +294,7 @@ fn another_abi_version_is_refused_with_a_clear_error() {
         .store(size + 64, Ordering::Relaxed);
     let error = validate(control, channel.id()).unwrap_err();
     assert!(error.to_string().contains("control block is"), "{error}");
-    channel
-        .control()
-        .header_size
-        .store(size, Ordering::Relaxed);
+    channel.control().header_size.store(size, Ordering::Relaxed);
 }
 
 #[test]
@@ -469,4 +466,36 @@ fn attaching_never_opens_a_descriptor_that_is_not_the_segment() {
     // SAFETY: closing the descriptor this test opened.
     unsafe { libc::close(inotify) };
     std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn a_release_that_finds_the_heap_lock_taken_is_deferred_not_waited_for() {
+    let channel = channel(4, 16 << 20);
+    send(&channel, b"held while the lock is taken").unwrap();
+    let received = channel
+        .receive(false, Deadline::never(), &mut no_interrupt())
+        .unwrap();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (released_tx, released_rx) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let channel = channel.clone();
+        std::thread::spawn(move || {
+            let _guard = channel.slab().lock(&channel.control().heap_lock);
+            locked_tx.send(()).unwrap();
+            // Held until the release below has returned: a release that waited for the
+            // lock would never return, and this would time out.
+            released_rx.recv_timeout(Duration::from_secs(10)).is_ok()
+        })
+    };
+    locked_rx.recv().unwrap();
+    channel.release_message(received.block);
+    released_tx.send(()).unwrap();
+    assert!(
+        holder.join().unwrap(),
+        "release_message waited for the heap lock"
+    );
+    channel.run_deferred();
+    assert_eq!(channel.shared_stats().used_blocks, 0);
+    send(&channel, b"usable").unwrap();
+    assert_eq!(take(&channel).unwrap(), b"usable");
 }

@@ -6,7 +6,8 @@
 //!   producer killed right after growing the slab would otherwise take the messages in the
 //!   new segment with it;
 //! - it notices peers that died and reclaims what they held, so memory comes back even
-//!   when nobody is blocked in a call.
+//!   when nobody is blocked in a call;
+//! - it runs the releases this process deferred because the heap lock was taken.
 //!
 //! It sleeps on the slab's segment count (woken by `Slab::grow`) for at most 100 ms at a
 //! time and holds only a weak reference, so it never keeps a channel alive; it ends within
@@ -43,6 +44,7 @@ fn watch(weak: Weak<Channel>) {
                 return; // a fork child copied this attachment: its own watcher runs there
             }
             let _ = channel.slab().attach_all();
+            channel.run_deferred();
             channel.reap_if_due();
             let count = &channel.control().heap.segment_count;
             (

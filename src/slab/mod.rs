@@ -242,7 +242,6 @@ impl Slab {
     /// lock repairs what the holder may have left half-done: free lists and `alloc`
     /// reference counts are derived data and are rebuilt from the blocks.
     pub fn lock<'a>(&'a self, word: &'a LockWord) -> LockGuard<'a> {
-        let heap_lock = std::ptr::eq(word, &self.control().heap_lock);
         let me = self.slot_id();
         let mut broke = false;
         let guard = word.lock(Holder::new(me.index, me.generation), |holder| {
@@ -256,6 +255,24 @@ impl Slab {
                 broke = true;
             }
         });
+        self.after_acquiring(word, broke);
+        guard
+    }
+
+    /// The heap lock if it can be had without waiting (a dead holder's lock is broken only
+    /// by a waiting `lock`).
+    pub fn try_lock_heap(&self) -> Option<LockGuard<'_>> {
+        let me = self.slot_id();
+        let word = &self.control().heap_lock;
+        let guard = word.try_lock(Holder::new(me.index, me.generation))?;
+        self.after_acquiring(word, false);
+        Some(guard)
+    }
+
+    /// Repairs, just after taking `word`, what a dead holder may have left (`broke`) or a
+    /// lost segment asks for.
+    fn after_acquiring(&self, word: &LockWord, broke: bool) {
+        let heap_lock = std::ptr::eq(word, &self.control().heap_lock);
         // Acquire: pairs with the Release store in `mark_lost`.
         let lost_segment = heap_lock && self.heap().needs_rebuild.swap(0, Ordering::Acquire) != 0;
         if (broke && heap_lock) || lost_segment {
@@ -263,7 +280,6 @@ impl Slab {
             self.recount_buffer_refs();
         }
         crate::failpoint!("lock.acquired");
-        guard
     }
 
     /// False only when the process in `slot` is definitely dead (or the slot is free); a

@@ -109,18 +109,41 @@ impl Slab {
     /// (freeing `alloc` blocks nobody holds any more), in one critical section. Returns the
     /// block's `origin` word (whose acknowledgement this is).
     pub fn free_message(&self, message: SlabRef) -> Result<u32> {
-        self.free_message_of(message, None)
+        self.free_message_of(message, None, true)
+            .map(|origin| origin.expect("a waiting free always frees"))
+    }
+
+    /// `free_message` if the heap lock is free now; `Ok(None)` (nothing done) otherwise.
+    pub fn try_free_message(&self, message: SlabRef) -> Result<Option<u32>> {
+        self.free_message_of(message, None, false)
     }
 
     /// `free_message` only if the block's owner word is still `owner` (a reaper's snapshot
     /// may be stale: the block may have been freed and handed out again since).
     pub fn free_message_owned_by(&self, message: SlabRef, owner: u64) -> Result<u32> {
-        self.free_message_of(message, Some(owner))
+        self.free_message_of(message, Some(owner), true)
+            .map(|origin| origin.expect("a waiting free always frees"))
     }
 
-    fn free_message_of(&self, message: SlabRef, expected: Option<u64>) -> Result<u32> {
+    /// The heap lock, waiting for it or (`wait == false`) only if it is free now.
+    fn heap_guard(&self, wait: bool) -> Option<crate::lock::LockGuard<'_>> {
+        if wait {
+            Some(self.lock(&self.control().heap_lock))
+        } else {
+            self.try_lock_heap()
+        }
+    }
+
+    fn free_message_of(
+        &self,
+        message: SlabRef,
+        expected: Option<u64>,
+        wait: bool,
+    ) -> Result<Option<u32>> {
         let origin = {
-            let _guard = self.lock(&self.control().heap_lock);
+            let Some(_guard) = self.heap_guard(wait) else {
+                return Ok(None);
+            };
             let header = self.used_header(message, is_message, "a message")?;
             check_owner(message, header, expected)?;
             let origin = header.origin.load(Ordering::Relaxed);
@@ -135,27 +158,34 @@ impl Slab {
             origin
         };
         self.notify_space();
-        Ok(origin)
+        Ok(Some(origin))
     }
 
     /// Drops the creator's reference to an `alloc` block (its last view in the creating
     /// process died). Does nothing if it was dropped already.
     pub fn drop_creator(&self, block: SlabRef) -> Result<()> {
-        self.drop_creator_of(block, None)
+        self.drop_creator_of(block, None, true).map(drop)
+    }
+
+    /// `drop_creator` if the heap lock is free now; `Ok(false)` (nothing done) otherwise.
+    pub fn try_drop_creator(&self, block: SlabRef) -> Result<bool> {
+        self.drop_creator_of(block, None, false)
     }
 
     /// `drop_creator` only if the block's owner word is still `owner` (its creator died).
     pub fn drop_creator_owned_by(&self, block: SlabRef, owner: u64) -> Result<()> {
-        self.drop_creator_of(block, Some(owner))
+        self.drop_creator_of(block, Some(owner), true).map(drop)
     }
 
-    fn drop_creator_of(&self, block: SlabRef, expected: Option<u64>) -> Result<()> {
+    fn drop_creator_of(&self, block: SlabRef, expected: Option<u64>, wait: bool) -> Result<bool> {
         {
-            let _guard = self.lock(&self.control().heap_lock);
+            let Some(_guard) = self.heap_guard(wait) else {
+                return Ok(false);
+            };
             let header = self.used_header(block, is_alloc, "an alloc buffer")?;
             check_owner(block, header, expected)?;
             if header.refs.load(Ordering::Relaxed) & CREATOR == 0 {
-                return Ok(());
+                return Ok(true);
             }
             // Only messages hold it now (for reports; the CREATOR bit is what counts).
             header.owner.store(
@@ -166,7 +196,7 @@ impl Slab {
             self.drop_reference_locked(block, CREATOR);
         }
         self.notify_space();
-        Ok(())
+        Ok(true)
     }
 
     /// Subtracts `amount` from an `alloc` block's `refs` (saturating: recounting repairs
