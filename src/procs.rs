@@ -468,18 +468,7 @@ impl ControlBlock {
             };
             if phase == PHASE_CLAIMING {
                 // The claimant held nothing yet: free the slot again.
-                if slot
-                    .state
-                    .compare_exchange(
-                        state,
-                        state_word(generation, PHASE_LIVE, 0),
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    )
-                    .is_ok()
-                {
-                    reaped += 1;
-                }
+                reaped += usize::from(free_slot(slot, state, generation));
                 continue;
             }
             let reaping = state_word(generation, PHASE_REAPING, me);
@@ -509,19 +498,7 @@ impl ControlBlock {
             reclaim(tenure);
             crate::failpoint!("reap.reclaimed");
             slot.control_fd.store(-1, Ordering::Relaxed);
-            // Release: the reclaim above is complete before the slot can be claimed again.
-            if slot
-                .state
-                .compare_exchange(
-                    reaping,
-                    state_word(generation, PHASE_LIVE, 0),
-                    Ordering::Release,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-            {
-                reaped += 1;
-            }
+            reaped += usize::from(free_slot(slot, reaping, generation));
             self.handles_changed();
         }
         reaped
@@ -559,6 +536,20 @@ impl ControlBlock {
             _ => true,
         }
     }
+}
+
+/// Frees `slot` if its state is still `from` (a claim or reap that nobody else took over).
+fn free_slot(slot: &ProcessSlot, from: u64, generation: u32) -> bool {
+    // AcqRel: the Release half orders everything done to the slot (a reclaim) before it can
+    // be claimed again (pairs with the Acquire CAS in `claim_slot`).
+    slot.state
+        .compare_exchange(
+            from,
+            state_word(generation, PHASE_LIVE, 0),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        )
+        .is_ok()
 }
 
 /// Liveness of a claimant or reaper, known by pid only: it is dead when no process has

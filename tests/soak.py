@@ -35,10 +35,17 @@ def producer(tx, generation: int, seed: int) -> None:
     seq = 0
     while True:
         nbytes = rng.choice([64, 4096, 65536, 1 << 20, 8 << 20])
-        payload = np.full(nbytes, (generation + seq) % 251, np.uint8)
+        if rng.random() < 0.5:
+            # Built in place in the slab (`alloc`), as DataLoader workers and actors do; the
+            # producer drops its view at once, so only the message holds the buffer.
+            payload = tx.alloc((nbytes,), np.uint8, timeout=60)
+            payload[:] = (generation + seq) % 251
+        else:
+            payload = np.full(nbytes, (generation + seq) % 251, np.uint8)
         checksum = int(payload.sum(dtype=np.int64))
         message = {"generation": generation, "seq": seq, "sum": checksum, "payload": payload}
         tx.put(message, timeout=60)
+        del message, payload
         seq += 1
 
 
