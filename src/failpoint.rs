@@ -4,7 +4,8 @@
 //! `TENSORSLAB_FAILPOINT=<name>=<action>` (read once per process) arms one point in the
 //! process that has it in its environment; actions are `kill` (SIGKILL this process when
 //! the point is reached), `kill@N` (on the Nth time it is reached, from 1) and `stall:MS`
-//! (sleep MS milliseconds there, every time). [`arm`] sets the same at run time, for
+//! (sleep MS milliseconds there, every time; the first stall says so on stderr). [`arm`]
+//! sets the same at run time, for
 //! in-process tests. Each point sits between two steps of a protocol; the matrix test in
 //! `tests/failpoints.rs` kills a process at each one and checks the invariants after.
 
@@ -78,7 +79,13 @@ mod armed {
                     unsafe { libc::raise(libc::SIGKILL) };
                 }
             }
-            Action::Stall(duration) => std::thread::sleep(duration),
+            Action::Stall(duration) => {
+                if HITS.fetch_add(1, Ordering::Relaxed) == 0 {
+                    // Tells the matrix the point was reached (a stall leaves no other trace).
+                    eprintln!("tensorslab failpoint {name}: stalling {duration:?}");
+                }
+                std::thread::sleep(duration)
+            }
         }
     }
 

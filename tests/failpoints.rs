@@ -50,6 +50,13 @@ const CONSUMER_POINTS: &[&str] = &[
     "free_message.freeing",
     "lock.acquired",
 ];
+/// Points where a consumer stalls (alive, just slow) on every hit while the producer sends:
+/// nobody may take it for dead and break its locks.
+const STALLED_POINTS: &[&str] = &[
+    "lock.acquired",
+    "pop.owned_before_head_moves",
+    "free_message.freeing",
+];
 const REAPER_POINTS: &[&str] = &[
     "reap.claimed",
     "reclaim.after_ring_snapshot",
@@ -219,7 +226,8 @@ fn spawn(channel: &Channel, role: &str, side: Side, failpoint: Option<&str>) -> 
     command
         .env("TSL_FP_ROLE", role)
         .env("TSL_FP_TICKET", hex_encode(&ticket.to_bytes()))
-        .stdout(Stdio::piped());
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     match failpoint {
         Some(spec) => command.env("TENSORSLAB_FAILPOINT", spec),
         None => command.env_remove("TENSORSLAB_FAILPOINT"),
@@ -230,13 +238,22 @@ fn spawn(channel: &Channel, role: &str, side: Side, failpoint: Option<&str>) -> 
     command.spawn().unwrap()
 }
 
-/// Waits for the child (bounded); returns its output lines and whether SIGKILL ended it.
+/// Waits for the child (bounded); returns its output lines (stdout, then stderr) and
+/// whether SIGKILL ended it.
 fn finish(mut child: Child) -> (Vec<String>, bool) {
+    let stderr = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(|l| l.ok())
+            .collect::<Vec<String>>()
+    });
     let stdout = child.stdout.take().unwrap();
-    let lines: Vec<String> = BufReader::new(stdout)
+    let mut lines: Vec<String> = BufReader::new(stdout)
         .lines()
         .map_while(|l| l.ok())
         .collect();
+    lines.extend(errors.join().unwrap_or_default());
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -446,6 +463,44 @@ fn consumer_scenario(point: &str) -> std::result::Result<bool, String> {
     Ok(killed)
 }
 
+fn stalled_consumer_scenario(point: &str) -> std::result::Result<bool, String> {
+    let channel = new_channel();
+    channel.open_handle(Side::Sender);
+    channel.open_handle(Side::Receiver);
+    let child = spawn(
+        &channel,
+        "consumer",
+        Side::Receiver,
+        Some(&format!("{point}=stall:30")),
+    );
+    channel.close_handle(Side::Receiver);
+    for seq in 0..MESSAGES {
+        put_message(&channel, seq).map_err(|e| format!("put {seq} beside a slow consumer: {e}"))?;
+    }
+    let (lines, killed) = finish(child);
+    channel.close_handle(Side::Sender);
+    if killed {
+        return Err("the stalled consumer was killed".into());
+    }
+    if let Some(corrupt) = lines.iter().find(|line| line.starts_with("corrupt")) {
+        return Err(format!("consumer saw {corrupt}"));
+    }
+    reap_all(&channel)?;
+    let all: Vec<u32> = (0..MESSAGES).collect();
+    check_end(&channel, &numbers(&lines, "received"), &all, 0)?;
+    if lines
+        .iter()
+        .any(|line| line.starts_with("tensorslab failpoint"))
+    {
+        Ok(true)
+    } else {
+        Err(format!(
+            "never stalled: {:?}",
+            &lines[lines.len().saturating_sub(3)..]
+        ))
+    }
+}
+
 fn reaper_scenario(point: &str) -> std::result::Result<bool, String> {
     let channel = filled_channel()?;
     // A consumer that takes three messages, holds them, and is killed.
@@ -490,14 +545,18 @@ fn main() {
     // This process reaps only when a scenario says so (`reap_now`), so the reaper role
     // really is the process that reaps.
     std::env::set_var("TENSORSLAB_FAILPOINT_NO_REAP", "1");
-    let roles: [(&str, &[&str], Scenario); 3] = [
+    let roles: [(&str, &[&str], Scenario); 4] = [
         ("producer", PRODUCER_POINTS, producer_scenario),
         ("consumer", CONSUMER_POINTS, consumer_scenario),
+        ("slow consumer", STALLED_POINTS, stalled_consumer_scenario),
         ("reaper", REAPER_POINTS, reaper_scenario),
     ];
     let mut failures = vec![];
-    println!("failpoint matrix (SIGKILL at the point; pass = invariants hold afterwards)");
-    println!("{:<30} {:<10} result", "point", "role");
+    println!(
+        "failpoint matrix (SIGKILL at the point, or a 30 ms stall at every hit for the slow \
+         consumer; pass = invariants hold afterwards)"
+    );
+    println!("{:<30} {:<14} result", "point", "role");
     for (role, points, scenario) in roles {
         for point in points {
             let started = Instant::now();
@@ -507,7 +566,7 @@ fn main() {
                 Err(error) => format!("FAIL: {error}"),
             };
             println!(
-                "{point:<30} {role:<10} {outcome} ({:.1} s)",
+                "{point:<30} {role:<14} {outcome} ({:.1} s)",
                 started.elapsed().as_secs_f64()
             );
             if outcome != "pass" {
