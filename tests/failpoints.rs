@@ -474,10 +474,11 @@ fn stalled_consumer_scenario(point: &str) -> std::result::Result<bool, String> {
         Some(&format!("{point}=stall:30")),
     );
     channel.close_handle(Side::Receiver);
-    for seq in 0..MESSAGES {
-        put_message(&channel, seq).map_err(|e| format!("put {seq} beside a slow consumer: {e}"))?;
-    }
+    let put = (0..MESSAGES).try_for_each(|seq| {
+        put_message(&channel, seq).map_err(|e| format!("put {seq} beside a slow consumer: {e}"))
+    });
     let (lines, killed) = finish(child);
+    put?;
     channel.close_handle(Side::Sender);
     if killed {
         return Err("the stalled consumer was killed".into());
