@@ -28,6 +28,9 @@ pub struct Types {
     pub object_setattr: Py<PyAny>,
     pub dataclass_fields: Py<PyAny>,
     pub sys_modules: Py<PyDict>,
+    /// Classes untrusted data may name as a defaultdict factory (besides dataclasses and
+    /// named tuples): called with no arguments, each builds an empty value.
+    pub default_factories: Vec<Py<PyType>>,
 }
 
 static TYPES: PyOnceLock<Types> = PyOnceLock::new();
@@ -38,6 +41,10 @@ fn class(py: Python<'_>, module: &str, name: &str) -> PyResult<Py<PyType>> {
         .getattr(name)?
         .cast_into::<PyType>()?
         .unbind())
+}
+
+fn classes(py: Python<'_>, module: &str, names: &[&str]) -> PyResult<Vec<Py<PyType>>> {
+    names.iter().map(|name| class(py, module, name)).collect()
 }
 
 fn function(py: Python<'_>, module: &str, name: &str) -> PyResult<Py<PyAny>> {
@@ -71,6 +78,34 @@ pub fn types(py: Python<'_>) -> PyResult<&Types> {
                 .getattr("modules")?
                 .cast_into::<PyDict>()?
                 .unbind(),
+            default_factories: [
+                classes(
+                    py,
+                    "builtins",
+                    &[
+                        "bool",
+                        "int",
+                        "float",
+                        "complex",
+                        "str",
+                        "bytes",
+                        "bytearray",
+                        "tuple",
+                        "list",
+                        "dict",
+                        "set",
+                        "frozenset",
+                    ],
+                )?,
+                classes(
+                    py,
+                    "collections",
+                    &["OrderedDict", "Counter", "defaultdict", "deque"],
+                )?,
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
         })
     })
 }
