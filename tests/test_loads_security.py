@@ -463,3 +463,11 @@ def test_decoding_from_many_threads_does_not_deadlock():
     frames += [tensorslab.dumps(np.zeros(2, dtype)) for dtype in ["<f4", ">i8", "S3", "<m8[s]"]]
     assert run_in_child("fork", decode_from_threads, frames, timeout=90) == []
 
+
+def test_dtype_cache_stays_bounded():
+    # Dtype texts come from the data, and "|S1", "|S2", ... are all valid: each one used to
+    # stay cached for the life of the process.
+    for size in range(100_000, 101_100):  # more texts than the cache keeps
+        tensorslab.loads(tensorslab.dumps(np.zeros(0, f"S{size}")))
+    fresh = tensorslab.dumps(np.zeros(0, "S99999"))
+    assert tensorslab.loads(fresh).dtype is not tensorslab.loads(fresh).dtype
