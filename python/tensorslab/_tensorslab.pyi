@@ -127,8 +127,15 @@ def dumps(obj: Any) -> bytes:
     """Encode ``obj`` in the tensorslab format with its arrays inline."""
 
 def loads(data: bytes | bytearray | memoryview, *, allow_pickle: bool = False) -> Any:
-    """Decode bytes made by :func:`dumps`. Malformed data raises ``tensorslab.DecodeError``;
-    pickled parts are refused unless ``allow_pickle=True`` (unpickling can run code)."""
+    """Decode bytes made by :func:`dumps`. Malformed data raises ``tensorslab.DecodeError``
+    (naming the path inside the message); pickled parts are refused unless
+    ``allow_pickle=True`` (unpickling can run code).
+
+    Without ``allow_pickle``, no module is imported: classes the data names (dataclasses,
+    named tuples, Enums, defaultdict factories) must be in modules already imported. A
+    dataclass gets exactly its declared fields, a named tuple exactly its ``_fields``, an
+    Enum member must exist, and a defaultdict factory must be a builtin or collections
+    type, a dataclass or a named tuple class; anything else is refused."""
 
 def _rebuild(state: bytes) -> Any: ...
 def _drop_ticket(state: bytes) -> bool: ...

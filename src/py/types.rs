@@ -3,7 +3,6 @@
 //! NumPy and the standard library are imported at module import; torch only when a message
 //! needs it (sending a tensor means torch is loaded already; receiving one imports it).
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -29,6 +28,9 @@ pub struct Types {
     pub object_setattr: Py<PyAny>,
     pub dataclass_fields: Py<PyAny>,
     pub sys_modules: Py<PyDict>,
+    /// Classes untrusted data may name as a defaultdict factory (besides dataclasses and
+    /// named tuples): called with no arguments, each builds an empty value.
+    pub default_factories: Vec<Py<PyType>>,
 }
 
 static TYPES: PyOnceLock<Types> = PyOnceLock::new();
@@ -39,6 +41,10 @@ fn class(py: Python<'_>, module: &str, name: &str) -> PyResult<Py<PyType>> {
         .getattr(name)?
         .cast_into::<PyType>()?
         .unbind())
+}
+
+fn classes(py: Python<'_>, module: &str, names: &[&str]) -> PyResult<Vec<Py<PyType>>> {
+    names.iter().map(|name| class(py, module, name)).collect()
 }
 
 fn function(py: Python<'_>, module: &str, name: &str) -> PyResult<Py<PyAny>> {
@@ -72,6 +78,34 @@ pub fn types(py: Python<'_>) -> PyResult<&Types> {
                 .getattr("modules")?
                 .cast_into::<PyDict>()?
                 .unbind(),
+            default_factories: [
+                classes(
+                    py,
+                    "builtins",
+                    &[
+                        "bool",
+                        "int",
+                        "float",
+                        "complex",
+                        "str",
+                        "bytes",
+                        "bytearray",
+                        "tuple",
+                        "list",
+                        "dict",
+                        "set",
+                        "frozenset",
+                    ],
+                )?,
+                classes(
+                    py,
+                    "collections",
+                    &["OrderedDict", "Counter", "defaultdict", "deque"],
+                )?,
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
         })
     })
 }
@@ -83,8 +117,12 @@ pub struct Torch {
     pub dtype: Py<PyType>,
     pub device: Py<PyType>,
     pub from_dlpack: Py<PyAny>,
-    pub module: Py<PyModule>,
-    dtypes: Mutex<HashMap<String, Py<PyAny>>>,
+    /// Every name torch's namespace binds to a dtype (`float32`, `float`, `bfloat16`, ...),
+    /// read once. Looking a message's dtype name up here runs no Python code (`getattr` on
+    /// torch would run its module `__getattr__`, which imports modules and calls functions
+    /// for some names) and takes no lock (a Rust lock held while Python code runs can
+    /// deadlock with a thread that holds the GIL and waits for the lock).
+    dtypes: HashMap<String, Py<PyAny>>,
 }
 
 static TORCH: PyOnceLock<Torch> = PyOnceLock::new();
@@ -92,40 +130,34 @@ static TORCH: PyOnceLock<Torch> = PyOnceLock::new();
 impl Torch {
     fn load(py: Python<'_>) -> PyResult<Torch> {
         let torch = py.import("torch")?;
+        let dtype = torch.getattr("dtype")?.cast_into::<PyType>()?;
+        let mut dtypes = HashMap::new();
+        for (name, value) in torch.dict().iter() {
+            if value.is_exact_instance(&dtype) {
+                if let Ok(name) = name.extract::<String>() {
+                    dtypes.insert(name, value.unbind());
+                }
+            }
+        }
         Ok(Torch {
             tensor: torch.getattr("Tensor")?.cast_into::<PyType>()?.unbind(),
             parameter: class(py, "torch.nn", "Parameter")?,
             size: torch.getattr("Size")?.cast_into::<PyType>()?.unbind(),
-            dtype: torch.getattr("dtype")?.cast_into::<PyType>()?.unbind(),
+            dtype: dtype.unbind(),
             device: torch.getattr("device")?.cast_into::<PyType>()?.unbind(),
             from_dlpack: torch.getattr("_C")?.getattr("_from_dlpack")?.unbind(),
-            module: torch.clone().unbind(),
-            dtypes: Mutex::new(HashMap::new()),
+            dtypes,
         })
     }
 
-    /// `torch.<name>` for a dtype name read from a message, checked to be a dtype.
+    /// `torch.<name>` for a dtype name read from a message, if torch has such a dtype.
     pub fn dtype_named<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
-        let mut cache = self
-            .dtypes
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        if let Some(dtype) = cache.get(name) {
-            return Ok(dtype.bind(py).clone());
-        }
-        let found = self
-            .module
-            .bind(py)
-            .getattr(name)
-            .ok()
-            .filter(|value| value.is_instance(self.dtype.bind(py)).unwrap_or(false));
-        let dtype = found.ok_or_else(|| {
+        let dtype = self.dtypes.get(name).ok_or_else(|| {
             crate::error::Error::Decode(format!(
-                "torch has no dtype {name:?} (a newer torch sent it?)"
+                "torch has no dtype '{name}' (a newer torch sent it?)"
             ))
         })?;
-        cache.insert(name.to_owned(), dtype.clone().unbind());
-        Ok(dtype)
+        Ok(dtype.bind(py).clone())
     }
 }
 

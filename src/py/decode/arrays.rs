@@ -173,12 +173,23 @@ impl<'py> Decoder<'py, '_> {
     }
 }
 
+/// Distinct dtype texts cached at most: the texts come from the data (`"|S1"`, `"|S2"`, ...
+/// are all valid), so an unbounded cache would grow with every message a sender crafts.
+const DTYPE_CACHE_LIMIT: usize = 1024;
+
 /// `np.dtype(text)`, cached per process.
 pub fn numpy_dtype<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyArrayDescr>> {
     static CACHE: PyOnceLock<Mutex<HashMap<String, Py<PyArrayDescr>>>> = PyOnceLock::new();
     let cache = CACHE.get_or_init(py, || Mutex::new(HashMap::new()));
-    if let Some(found) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(text) {
-        return Ok(found.bind(py).clone());
+    // The lock is held only around map operations, never across a call into Python: code
+    // run there could let another thread take the GIL and then wait for this lock.
+    let cached = cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(text)
+        .map(|found| found.clone_ref(py));
+    if let Some(found) = cached {
+        return Ok(found.into_bound(py));
     }
     let dtype = types(py)?
         .np_dtype
@@ -189,10 +200,13 @@ pub fn numpy_dtype<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAr
     if dtype.has_object() {
         return Err(corrupt("object dtype outside a pickle"));
     }
-    cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(text.to_owned(), dtype.clone().unbind());
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() < DTYPE_CACHE_LIMIT {
+        cache
+            .entry(text.to_owned())
+            .or_insert_with(|| dtype.clone().unbind());
+    }
+    drop(cache);
     Ok(dtype)
 }
 

@@ -2,27 +2,33 @@
 //! message's lease) or, in copy mode (`get(copy=True)`, `loads`), private copies.
 //!
 //! Everything read from the frame is untrusted: the `Reader` bounds-checks the stream,
-//! `payload` bounds-checks every location, and classes named in the stream are only used
-//! as the kind of object their tag says (a named tuple class must be a tuple subclass with
-//! `_fields`, ...) so a crafted frame cannot call arbitrary functions. Pickles are refused
-//! unless allowed.
+//! `payload` bounds-checks every location, and classes named in the stream are resolved
+//! and used only as `records.rs` allows (the kind their tag says, declared fields only, no
+//! imports for untrusted data), so a crafted frame cannot call arbitrary functions or set
+//! arbitrary state. Pickles are refused unless allowed.
 //!
-//! Arrays and dtypes are rebuilt in `arrays.rs`.
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+//! A failure names where it happened, as `msg['batch'][3].weight: ...`: each container
+//! adds its segment to `path` as the error passes through it, so the path costs nothing
+//! until something fails.
+//!
+//! Arrays and dtypes are rebuilt in `arrays.rs`; records (dataclasses, named tuples, Enum
+//! members, defaultdict factories) in `records.rs`.
+use std::sync::Arc;
 
 use numpy::PyArrayDescrMethods;
+use pyo3::exceptions::PyException;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::{
     PyByteArray, PyBytes, PyComplex, PyDate, PyDateTime, PyDelta, PyDict, PyFrozenSet, PyList,
-    PySet, PySlice, PyString, PyTime, PyTuple, PyType, PyTzInfo,
+    PySet, PySlice, PyString, PyTime, PyTuple, PyTzInfo,
 };
 
 mod arrays;
+mod records;
 
 pub use arrays::{numpy_dtype, numpy_view};
+pub use records::find_global;
 
 use super::exceptions::as_decode_error;
 use super::lease::{Lease, MessageLease};
@@ -52,6 +58,8 @@ pub struct Decoder<'py, 'a> {
     channel: Option<&'a Channel>,
     allow_pickle: bool,
     arrays: Vec<Py<PyAny>>,
+    /// Where the error being returned happened, innermost segment first (`.weight`, `[3]`).
+    path: Vec<String>,
     /// Bytes of `alloc` buffers the message referenced (they are part of what it moved).
     pub external_bytes: std::cell::Cell<u64>,
 }
@@ -79,6 +87,7 @@ impl<'py, 'a> Decoder<'py, 'a> {
             channel,
             allow_pickle,
             arrays: vec![],
+            path: vec![],
             external_bytes: std::cell::Cell::new(0),
         })
     }
@@ -86,7 +95,9 @@ impl<'py, 'a> Decoder<'py, 'a> {
     /// Decodes the message (the stream's one value) and checks nothing trails it.
     pub fn message(&mut self) -> PyResult<Bound<'py, PyAny>> {
         let py = self.py;
-        let value = self.value().map_err(|error| as_decode_error(py, error))?;
+        let value = self
+            .value()
+            .map_err(|error| self.located(as_decode_error(py, error)))?;
         if !self.input.is_at_end() {
             return Err(corrupt(format!(
                 "{} bytes after the value",
@@ -103,21 +114,50 @@ impl<'py, 'a> Decoder<'py, 'a> {
         value
     }
 
+    /// The next value; if it fails, `segment` (where it sits in its container) joins the
+    /// error's path.
+    fn value_at(&mut self, segment: impl FnOnce() -> String) -> PyResult<Bound<'py, PyAny>> {
+        self.value()
+            .map_err(|error| self.failed_at(segment(), error))
+    }
+
+    fn failed_at(&mut self, segment: String, error: PyErr) -> PyErr {
+        self.path.push(segment);
+        error
+    }
+
+    /// The `DecodeError` to raise, its message prefixed with the path of the failure, as
+    /// `msg['batch'][3].weight: ...`. Ctrl-C and other non-`Exception`s pass unchanged.
+    fn located(&self, error: PyErr) -> PyErr {
+        let py = self.py;
+        if !error.is_instance_of::<PyException>(py) {
+            return error;
+        }
+        let mut where_ = String::from("msg");
+        for segment in self.path.iter().rev() {
+            where_.push_str(segment);
+        }
+        let located: PyErr = Error::Decode(format!("{where_}: {}", error.value(py))).into();
+        located.set_cause(py, error.cause(py));
+        located
+    }
+
     fn items(&mut self) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let count = self.input.count(1)?;
         let mut items = Vec::with_capacity(count);
-        for _ in 0..count {
-            items.push(self.value()?);
+        for index in 0..count {
+            items.push(self.value_at(|| format!("[{index}]"))?);
         }
         Ok(items)
     }
 
     fn dict_into(&mut self, dict: &Bound<'py, PyAny>) -> PyResult<()> {
         let count = self.input.count(2)?;
-        for _ in 0..count {
-            let key = self.value()?;
-            let value = self.value()?;
-            dict.set_item(key, value)?;
+        for index in 0..count {
+            let key = self.value_at(|| format!(".keys()[{index}]"))?;
+            let value = self.value_at(|| key_segment(&key))?;
+            dict.set_item(&key, value)
+                .map_err(|error| self.failed_at(key_segment(&key), error))?;
         }
         Ok(())
     }
@@ -171,13 +211,9 @@ impl<'py, 'a> Decoder<'py, 'a> {
             Tag::Set => PySet::new(py, self.items()?)?.into_any(),
             Tag::FrozenSet => PyFrozenSet::new(py, self.items()?)?.into_any(),
             Tag::Dict => {
-                let count = self.input.count(2)?;
-                let dict = PyDict::new(py);
-                for _ in 0..count {
-                    let key = self.value()?;
-                    dict.set_item(key, self.value()?)?;
-                }
-                dict.into_any()
+                let dict = PyDict::new(py).into_any();
+                self.dict_into(&dict)?;
+                dict
             }
             Tag::OrderedDict | Tag::Counter => {
                 let class = if tag == Tag::Counter {
@@ -190,55 +226,17 @@ impl<'py, 'a> Decoder<'py, 'a> {
                 dict
             }
             Tag::DefaultDict => {
-                let factory = self.value()?;
-                if !factory.is_none() && !factory.is_instance_of::<PyType>() {
-                    return Err(corrupt("defaultdict factory is not a class"));
-                }
+                let factory = self
+                    .default_factory()
+                    .map_err(|error| self.failed_at(".default_factory".into(), error))?;
                 let dict = self.types.default_dict.bind(py).call1((factory,))?;
                 self.dict_into(&dict)?;
                 dict
             }
-            Tag::Global => {
-                let (module, qualname) = (self.input.str()?, self.input.str()?);
-                let found = find_global(py, module, qualname)?;
-                if !found.is_instance_of::<PyType>() {
-                    return Err(corrupt(format!("{module}.{qualname} is not a class")));
-                }
-                found
-            }
-            Tag::NamedTuple => {
-                let class = self.class()?;
-                if !class.is_subclass_of::<PyTuple>()? || !class.hasattr(intern!(py, "_fields"))? {
-                    return Err(corrupt(format!("{} is not a named tuple class", class)));
-                }
-                let items = PyTuple::new(py, self.items()?)?;
-                py.get_type::<PyTuple>()
-                    .call_method1(intern!(py, "__new__"), (class, items))?
-            }
-            Tag::Dataclass => {
-                let class = self.class()?;
-                if !class.hasattr(intern!(py, "__dataclass_fields__"))? {
-                    return Err(corrupt(format!("{} is not a dataclass", class)));
-                }
-                let object = self.types.object_new.bind(py).call1((&class,))?;
-                let count = self.input.count(2)?;
-                for _ in 0..count {
-                    let name = PyString::new(py, self.input.str()?);
-                    let value = self.value()?;
-                    self.types
-                        .object_setattr
-                        .bind(py)
-                        .call1((&object, name, value))?;
-                }
-                object
-            }
-            Tag::Enum => {
-                let class = self.class()?;
-                if !class.is_subclass(self.types.enum_type.bind(py))? {
-                    return Err(corrupt(format!("{} is not an Enum", class)));
-                }
-                class.get_item(self.input.str()?)?
-            }
+            Tag::Global => return Err(self.stray_global()),
+            Tag::NamedTuple => self.named_tuple()?,
+            Tag::Dataclass => self.dataclass()?,
+            Tag::Enum => self.enum_member()?,
             Tag::Array => self.array()?,
             Tag::ArrayRef => {
                 let index = self.input.size()?;
@@ -275,7 +273,9 @@ impl<'py, 'a> Decoder<'py, 'a> {
                 torch(py)?.size.bind(py).call1((PyTuple::new(py, dims)?,))?
             }
             Tag::Slice | Tag::Range => {
-                let (start, stop, step) = (self.value()?, self.value()?, self.value()?);
+                let start = self.value_at(|| ".start".into())?;
+                let stop = self.value_at(|| ".stop".into())?;
+                let step = self.value_at(|| ".step".into())?;
                 if tag == Tag::Slice {
                     py.get_type::<PySlice>().call1((start, stop, step))?
                 } else {
@@ -332,14 +332,6 @@ impl<'py, 'a> Decoder<'py, 'a> {
             }
             Tag::Pickle => self.pickle()?,
         })
-    }
-
-    fn class(&mut self) -> PyResult<Bound<'py, PyType>> {
-        let (module, qualname) = self.input.global()?;
-        let found = find_global(self.py, module, qualname)?;
-        found
-            .cast_into::<PyType>()
-            .map_err(|_| corrupt(format!("{module}.{qualname} is not a class")))
     }
 
     fn timedelta(&mut self) -> PyResult<Bound<'py, PyDelta>> {
@@ -450,40 +442,14 @@ impl<'py, 'a> Decoder<'py, 'a> {
     }
 }
 
-/// `module.qualname`, imported and looked up attribute by attribute (as pickle does),
-/// cached per process.
-pub fn find_global<'py>(
-    py: Python<'py>,
-    module: &str,
-    qualname: &str,
-) -> PyResult<Bound<'py, PyAny>> {
-    type Globals = Mutex<HashMap<(String, String), Py<PyAny>>>;
-    static CACHE: PyOnceLock<Globals> = PyOnceLock::new();
-    let cache = CACHE.get_or_init(py, || Mutex::new(HashMap::new()));
-    let key = (module.to_owned(), qualname.to_owned());
-    if let Some(found) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-        return Ok(found.bind(py).clone());
+/// `[key]` for an error path: the key's repr, cut short.
+fn key_segment(key: &Bound<'_, PyAny>) -> String {
+    let text = key
+        .repr()
+        .map(|repr| repr.to_string())
+        .unwrap_or_else(|_| "?".into());
+    match text.char_indices().nth(40) {
+        Some((cut, _)) => format!("[{}...]", &text[..cut]),
+        None => format!("[{text}]"),
     }
-    let missing = |error: PyErr| -> PyErr {
-        let message = format!(
-            "cannot find {module}.{qualname} in this process: {}",
-            error.value(py)
-        );
-        let decode: PyErr = Error::Decode(message).into();
-        decode.set_cause(py, Some(error));
-        decode
-    };
-    let mut found = types(py)?
-        .import_module
-        .bind(py)
-        .call1((module,))
-        .map_err(missing)?;
-    for part in qualname.split('.') {
-        found = found.getattr(part).map_err(missing)?;
-    }
-    cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key, found.clone().unbind());
-    Ok(found)
 }
