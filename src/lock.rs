@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use crate::layout::LockWord;
-use crate::sync::{spin_hint, Ordering};
+use crate::sync::{spin_hint, yield_now, Ordering};
 use crate::wait::{futex_wait, futex_wake};
 
 const CONTENDED: u32 = 1 << 31;
@@ -20,6 +20,8 @@ const SLOT_MASK: u32 = 0xffff;
 /// The bits of a slot generation a lock word keeps.
 pub const GENERATION_MASK: u32 = 0x7fff;
 const SPINS: u32 = 200;
+/// Yields of the processor `try_lock` makes after spinning, before giving up.
+const YIELDS: u32 = 16;
 
 /// Who holds a lock: a slot and the low bits of its generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,10 +59,12 @@ impl Holder {
 }
 
 impl LockWord {
-    /// Takes the lock for `me` if it is free, or becomes free within a short spin; never
-    /// sleeps (for callers that must not wait, e.g. destructors holding the GIL).
+    /// Takes the lock for `me` if it is free, or becomes free within a short spin and a few
+    /// yields of the processor (a holder that was preempted gets to finish: critical
+    /// sections are a few pointer updates); never sleeps on the futex. For callers that
+    /// must not wait long, e.g. destructors holding the GIL.
     pub fn try_lock(&self, me: Holder) -> Option<LockGuard<'_>> {
-        for _ in 0..SPINS {
+        for round in 0..SPINS + YIELDS {
             // Acquire: pairs with the Release in `LockGuard::drop`.
             if self
                 .state
@@ -69,7 +73,11 @@ impl LockWord {
             {
                 return Some(LockGuard { word: self });
             }
-            spin_hint();
+            if round < SPINS {
+                spin_hint();
+            } else {
+                yield_now();
+            }
         }
         None
     }

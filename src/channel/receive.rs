@@ -126,8 +126,11 @@ impl Channel {
         // exist there; then (or while another thread drains) the release just waits.
         match self.deferred.try_lock() {
             Ok(mut list) => list.push(release),
-            Err(_) => self.run(release),
+            Err(_) => return self.run(release),
         }
+        // The watchers sleep on this word: wake ours to run the release now rather than at
+        // its next tick (the others wake, look, and sleep again).
+        futex_wake(&self.control().heap.segment_count, i32::MAX);
     }
 
     fn run(&self, release: Deferred) {
