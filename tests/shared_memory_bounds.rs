@@ -4,13 +4,15 @@
 //! with an error instead of reading or writing outside its mappings, panicking, or looping.
 //!
 //! The cross-process version of these checks, and a fuzzer, are in `test_corrupt_peer.py`.
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tensorslab::channel::{Channel, ChannelOptions};
+use tensorslab::layout::{Cell, RingState};
 use tensorslab::procs::Side;
+use tensorslab::ring::Ring;
 use tensorslab::slab::block::{owner_word, pack, unpack, OWNER_SENDER, STATE_USED};
 use tensorslab::slab::SlabRef;
 use tensorslab::wait::Deadline;
@@ -168,4 +170,51 @@ fn free_list_bitmap_bits_past_the_last_bin_are_ignored() {
     heap.bitmap[2].fetch_and(!(1 << 63), Ordering::Relaxed);
     let allocation = allocation.unwrap().expect("the slab has room to grow");
     channel.slab().free_message(allocation.block).unwrap();
+}
+
+#[test]
+fn the_ring_capacity_is_read_once_at_attach() {
+    let channel = channel(4, 2 << 20, 8 << 20);
+    let control = channel.control();
+    control.capacity.store(u32::MAX, Ordering::Relaxed);
+    // The ring's cells were sized for 4; a capacity read from shared memory now would
+    // index 2^32 cells of a 4-cell ring.
+    assert_eq!(channel.capacity(), 4);
+    control.ring.head.store(1 << 31, Ordering::Relaxed);
+    control.ring.tail.store((1 << 31) + 1, Ordering::Relaxed);
+    // Cell (2^31 mod 4) holds no message: an error, not a read 32 GiB past the ring.
+    assert!(receive(&channel).is_err());
+    control.ring.head.store(0, Ordering::Relaxed);
+    control.ring.tail.store(0, Ordering::Relaxed);
+    control.capacity.store(4, Ordering::Relaxed);
+}
+
+#[test]
+fn queued_entries_are_bounded_by_the_capacity() {
+    let state = RingState {
+        head: AtomicU64::new(0),
+        tail: AtomicU64::new(u64::MAX),
+        pushed: AtomicU32::new(0),
+        popped: AtomicU32::new(0),
+        consumers_waiting: AtomicU32::new(0),
+        producers_waiting: AtomicU32::new(0),
+    };
+    let cells: Vec<Cell> = (0..4)
+        .map(|_| Cell {
+            block: AtomicU64::new(0),
+            origin: AtomicU32::new(0),
+            _reserved: AtomicU32::new(0),
+        })
+        .collect();
+    // Crash recovery lists what is queued under the ring lock; with tail - head = 2^64 - 1
+    // that listing must stop at the ring's 4 cells instead of walking 2^64 of them.
+    let queued = finishes(move || {
+        Ring {
+            state: &state,
+            cells: &cells,
+        }
+        .queued()
+        .count()
+    });
+    assert_eq!(queued, 4);
 }
