@@ -34,6 +34,8 @@ use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use crate::wait::{futex_wait, futex_wake, Deadline, Interrupt};
 use std::sync::atomic::AtomicBool;
 
+/// Most messages a ring may queue.
+const MAX_CAPACITY: usize = 1 << 20;
 /// Smallest slab segment created when the user gives no `slab_bytes`.
 const DEFAULT_FIRST_SEGMENT: u64 = 4 << 20;
 /// Share of the available memory a channel may map when `max_slab_bytes` is not given.
@@ -71,6 +73,9 @@ pub struct Channel {
     slab: Slab,
     id: u64,
     control_len: usize,
+    /// Ring cells, read once when attaching and checked against the control segment's
+    /// length (see `validate`): the word in shared memory is never used to index again.
+    capacity: usize,
     /// Handles open in this process, per side (what a fork child inherits).
     local: [AtomicU32; 2],
     /// The process this attachment belongs to; a fork child re-registers and updates it.
@@ -141,10 +146,9 @@ pub fn random_u64() -> u64 {
 impl Channel {
     /// Creates a channel; this process is its first member.
     pub fn create(options: &ChannelOptions) -> Result<Arc<Channel>> {
-        if options.capacity == 0 || options.capacity > 1 << 20 {
+        if options.capacity == 0 || options.capacity > MAX_CAPACITY {
             return Err(Error::InvalidArgument(format!(
-                "capacity must be between 1 and {}, got {}",
-                1 << 20,
+                "capacity must be between 1 and {MAX_CAPACITY}, got {}",
                 options.capacity
             )));
         }
@@ -197,7 +201,7 @@ impl Channel {
         // Release: identity fields are complete before the magic marks the block valid
         // (pairs with the Acquire load in `validate`).
         block.magic.store(MAGIC, Ordering::Release);
-        let channel = Channel::join(control, backing, id, control_len, None)?;
+        let channel = Channel::join(control, backing, id, control_len, options.capacity, None)?;
         if options.slab_bytes.is_some() {
             // Map the first segment now, so the first put does not pay for it.
             if let Some(allocation) = channel
@@ -224,12 +228,13 @@ impl Channel {
         for &(pid, fd) in &ticket.candidates {
             match Segment::attach(pid, fd, ticket.control_len as usize, identity) {
                 Ok(control) => {
-                    validate(&control, ticket.channel_id)?;
+                    let capacity = validate(&control, ticket.channel_id)?;
                     return Channel::join(
                         control,
                         Backing::from_env(),
                         ticket.channel_id,
                         ticket.control_len as usize,
+                        capacity,
                         Some(ticket.pending),
                     );
                 }
@@ -252,6 +257,7 @@ impl Channel {
         backing: Backing,
         id: u64,
         control_len: usize,
+        capacity: usize,
         pending: Option<u64>,
     ) -> Result<Arc<Channel>> {
         let control_fd = control.raw_fd();
@@ -266,6 +272,7 @@ impl Channel {
             slab: Slab::new(control, backing, id, slot, crate::header::frame_buffer_refs),
             id,
             control_len,
+            capacity,
             local: [AtomicU32::new(0), AtomicU32::new(0)],
             pid: AtomicU32::new(current_pid()),
             fork_pending: AtomicU64::new(0),
@@ -309,14 +316,14 @@ impl Channel {
 
     fn ring(&self) -> Ring<'_> {
         let control = self.slab.control();
-        let capacity = control.capacity.load(Ordering::Relaxed) as usize;
         // SAFETY: the cells follow the control block (`layout::ring_offset`) inside the
-        // control segment, which `control_len(capacity)` sized; they are atomics.
+        // control segment, which holds `control_len(self.capacity)` bytes (sized so by
+        // `create`, checked by `validate` on attach); they are atomics.
         let cells = unsafe {
             let base = (control as *const ControlBlock)
                 .cast::<u8>()
                 .add(layout::ring_offset());
-            std::slice::from_raw_parts(base.cast::<Cell>(), capacity)
+            std::slice::from_raw_parts(base.cast::<Cell>(), self.capacity)
         };
         Ring {
             state: &control.ring,
@@ -486,7 +493,9 @@ impl Channel {
     }
 }
 
-fn validate(control: &Segment, expected_id: u64) -> Result<()> {
+/// Checks an attached control segment is this channel's, in this ABI, and holds the whole
+/// ring its capacity says; returns that capacity.
+fn validate(control: &Segment, expected_id: u64) -> Result<usize> {
     if control.len() < std::mem::size_of::<ControlBlock>() {
         return Err(Error::Incompatible(
             "channel control segment is too small".into(),
@@ -522,7 +531,15 @@ fn validate(control: &Segment, expected_id: u64) -> Result<()> {
             "attached segment belongs to another channel".into(),
         ));
     }
-    Ok(())
+    let capacity = block.capacity.load(Ordering::Relaxed) as usize;
+    if capacity == 0 || capacity > MAX_CAPACITY || layout::control_len(capacity) > control.len() {
+        return Err(Error::Incompatible(format!(
+            "channel control segment of {} cannot hold a ring of capacity {capacity} \
+             (corrupt shared memory?)",
+            format_bytes(control.len() as u64)
+        )));
+    }
+    Ok(capacity)
 }
 
 impl Drop for Channel {

@@ -88,11 +88,15 @@ impl Ring<'_> {
         Some(entry)
     }
 
-    /// The entries queued now, oldest first. Ring lock held by the caller.
+    /// The entries queued now, oldest first. Ring lock held by the caller. At most one
+    /// ring's worth: `head` and `tail` are shared memory, and a corrupt pair must not
+    /// make this walk 2^64 cells.
     pub fn queued(&self) -> impl Iterator<Item = Entry> + '_ {
         let head = self.state.head.load(Ordering::Relaxed);
         let tail = self.state.tail.load(Ordering::Relaxed);
-        (head..tail).map(move |index| self.entry_at(index))
+        (head..tail)
+            .take(self.cells.len())
+            .map(move |index| self.entry_at(index))
     }
 }
 

@@ -19,6 +19,10 @@ at once. Either way a live segment shows up in ``/proc/self/fd`` (while a descri
 open) and ``/proc/self/maps`` (while it is mapped); a named file left in ``/dev/shm`` or in
 ``TENSORSLAB_SHM_DIR`` would outlive every process and is a leak whoever made it.
 
+For tests that play a corrupt or hostile peer, :func:`segment_paths` returns a path
+through which each segment of a process can be opened (as tensorslab itself attaches), so a
+test can write whatever bytes it likes into a live channel's shared memory.
+
 Pure Python and Linux only (it reads ``/proc``); it imports nothing from the extension, so
 it works even when the extension itself is broken.
 """
@@ -29,7 +33,13 @@ import os
 import re
 from collections.abc import Iterable
 
-__all__ = ["SEGMENT_PREFIX", "SHM_DIR_ENV", "leaked_segments", "segment_directories"]
+__all__ = [
+    "SEGMENT_PREFIX",
+    "SHM_DIR_ENV",
+    "leaked_segments",
+    "segment_directories",
+    "segment_paths",
+]
 
 #: Every segment name starts with this.
 SEGMENT_PREFIX = "tensorslab-"
@@ -123,3 +133,34 @@ def leaked_segments() -> list[str]:
     """
     pattern = _segment_pattern()
     return _named_files(segment_directories()) + _open_descriptors(pattern) + _mappings(pattern)
+
+
+def segment_paths(pid: int | None = None) -> dict[str, str]:
+    """Test-only: the tensorslab segments process ``pid`` (default: this one) holds open.
+
+    Maps each segment's name (``tensorslab-<channel id hex>-control`` or
+    ``tensorslab-<channel id hex>-<index>``) to ``/proc/<pid>/fd/<n>``, a path that opens that
+    segment for as long as the process holds the descriptor. Opening another process's path
+    needs the same user and a dumpable process, as attaching a channel does. Writing through
+    it changes the channel's shared memory under every process that maps it: that is what
+    the corrupt-peer tests do. Any live process of a channel holds its control segment and
+    every slab segment it has mapped.
+    """
+    base = f"/proc/{os.getpid() if pid is None else pid}/fd"
+    pattern = _segment_pattern()
+    found = {}
+    try:
+        descriptors = os.listdir(base)
+    except OSError:
+        return found
+    for fd in descriptors:
+        try:
+            target = os.readlink(f"{base}/{fd}")
+        except OSError:
+            continue  # closed between listdir and readlink
+        match = pattern.search(target)
+        if match:
+            name = re.search(_NAME, match.group(0))
+            if name:
+                found.setdefault(name.group(0), f"{base}/{fd}")
+    return found

@@ -86,8 +86,10 @@ impl Channel {
             futex_wake(&control.ring.popped, 1);
         }
         let block = SlabRef(entry.block);
-        let (header, address, _) = self.slab.content(block)?;
-        let len = header.content_len.load(Ordering::Relaxed) as usize;
+        // The entry and the block it names are shared memory: `content` checks the block
+        // is in use, and the length is read once and kept within the block.
+        let (header, address, capacity) = self.slab.content(block)?;
+        let len = (header.content_len.load(Ordering::Relaxed) as usize).min(capacity);
         Ok(Some(Received {
             block,
             address,

@@ -64,19 +64,52 @@ impl FrameHeader {
 
     /// Parses and checks the prefix of `frame` (all of the frame's bytes).
     pub fn read(frame: &[u8]) -> Result<FrameHeader> {
-        let bad = |what: &str| Error::Decode(format!("not a tensorslab frame: {what}"));
-        if frame.len() < PREFIX_LEN {
-            return Err(bad(&format!(
-                "{} bytes is shorter than the {PREFIX_LEN}-byte prefix",
-                frame.len()
-            )));
+        let prefix = frame
+            .first_chunk::<PREFIX_LEN>()
+            .ok_or_else(|| too_short(frame.len()))?;
+        FrameHeader::parse(prefix, frame.len())
+    }
+
+    /// Reads the frame of `len` bytes at `frame`, in memory that other processes may write
+    /// to while this runs: checks its prefix and copies its value stream to private memory
+    /// (the bytes at `PREFIX_LEN..PREFIX_LEN + header_len`), each byte read exactly once.
+    /// Decoding that copy, a process writing into the frame meanwhile (a corrupt peer, or
+    /// any holder of a writable view) cannot make the decoder read one field as two values
+    /// or see a length change after it was checked. The payload area is not copied:
+    /// payloads are located through the checked copy and are only ever copied or viewed.
+    ///
+    /// # Safety
+    /// `frame` must be valid for reads of `len` bytes for the duration of the call.
+    pub unsafe fn copy_from_shared(frame: *const u8, len: usize) -> Result<(FrameHeader, Vec<u8>)> {
+        if len < PREFIX_LEN {
+            return Err(too_short(len));
         }
-        if frame[0..4] != FRAME_MAGIC {
+        let mut prefix = [0u8; PREFIX_LEN];
+        // SAFETY: the caller guarantees `len` >= PREFIX_LEN readable bytes at `frame`.
+        unsafe { std::ptr::copy_nonoverlapping(frame, prefix.as_mut_ptr(), PREFIX_LEN) };
+        let header = FrameHeader::parse(&prefix, len)?;
+        // `parse` checked PREFIX_LEN + header_len <= payload_offset <= len.
+        let stream_len = header.header_len as usize;
+        let mut stream = vec![0u8; stream_len];
+        // SAFETY: `PREFIX_LEN + stream_len <= len` bytes are readable at `frame` (above);
+        // `stream` is a fresh private buffer of `stream_len` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(frame.add(PREFIX_LEN), stream.as_mut_ptr(), stream_len)
+        };
+        Ok((header, stream))
+    }
+
+    /// Checks the prefix of a frame of `frame_len` bytes.
+    fn parse(prefix: &[u8; PREFIX_LEN], frame_len: usize) -> Result<FrameHeader> {
+        let bad = |what: &str| Error::Decode(format!("not a tensorslab frame: {what}"));
+        if prefix[0..4] != FRAME_MAGIC {
             return Err(bad("wrong magic"));
         }
-        let u16_at = |at: usize| u16::from_le_bytes([frame[at], frame[at + 1]]);
-        let u32_at = |at: usize| u32::from_le_bytes(frame[at..at + 4].try_into().expect("4 bytes"));
-        let u64_at = |at: usize| u64::from_le_bytes(frame[at..at + 8].try_into().expect("8 bytes"));
+        let u16_at = |at: usize| u16::from_le_bytes([prefix[at], prefix[at + 1]]);
+        let u32_at =
+            |at: usize| u32::from_le_bytes(prefix[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at =
+            |at: usize| u64::from_le_bytes(prefix[at..at + 8].try_into().expect("8 bytes"));
         let version = u16_at(4);
         if version != FORMAT_VERSION {
             return Err(Error::Decode(format!(
@@ -91,11 +124,10 @@ impl FrameHeader {
             frame_len: u64_at(24),
         };
         let stream_end = PREFIX_LEN as u64 + u64::from(header.header_len);
-        if header.frame_len != frame.len() as u64 {
+        if header.frame_len != frame_len as u64 {
             return Err(bad(&format!(
-                "frame says {} bytes but {} were given (truncated?)",
-                header.frame_len,
-                frame.len()
+                "frame says {} bytes but {frame_len} were given (truncated?)",
+                header.frame_len
             )));
         }
         if header.payload_offset < stream_end
@@ -115,4 +147,10 @@ impl FrameHeader {
     pub fn payload_len(&self) -> u64 {
         self.frame_len - self.payload_offset
     }
+}
+
+fn too_short(len: usize) -> Error {
+    Error::Decode(format!(
+        "not a tensorslab frame: {len} bytes is shorter than the {PREFIX_LEN}-byte prefix"
+    ))
 }

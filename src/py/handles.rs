@@ -489,31 +489,28 @@ fn decode_received<'py>(
     received: Received,
     copy: bool,
 ) -> PyResult<(Bound<'py, PyAny>, u64)> {
-    // SAFETY: `receive` checked the block is in use and `len` bytes long; it is ours until
-    // released, which the lease below does no earlier than when its last view is gone.
-    let frame = unsafe { std::slice::from_raw_parts(received.address, received.len) };
-    let parsed = FrameHeader::read(frame).and_then(|header| {
-        let mut input = Reader::new(header.stream(frame));
-        let buffers = read_buffers(&mut input)?;
-        Ok((header, input, buffers))
-    });
-    let (header, input, buffers) = match parsed {
-        Ok(parsed) => parsed,
-        Err(error) => {
-            channel.release_message(received.block);
-            return Err(error.into());
-        }
+    let refuse = |error: Error| -> PyErr {
+        channel.release_message(received.block);
+        error.into()
     };
+    // SAFETY: `receive` checked the block is in use and holds `len` bytes; it is ours until
+    // released, which the lease below does no earlier than when its last view is gone.
+    let (header, stream) = unsafe { FrameHeader::copy_from_shared(received.address, received.len) }
+        .map_err(&refuse)?;
+    // The value stream is decoded from that private copy; only payloads are read in place.
+    let mut input = Reader::new(&stream);
+    let buffers = read_buffers(&mut input).map_err(&refuse)?;
     // Releasing the message also drops its references to the `alloc` buffers it lists.
-    drop(buffers);
     let lease = Arc::new(MessageLease::new(channel.clone(), received.block));
+    // SAFETY: as above; the payload area lies inside the frame (`copy_from_shared` checked).
+    let frame = unsafe { std::slice::from_raw_parts(received.address, received.len) };
     let area = &frame[header.payload_offset as usize..];
     let mode = if copy {
         Mode::Copy
     } else {
         Mode::View(lease.clone())
     };
-    let mut decoder = Decoder::new(py, input, area, mode, Some(channel), true)?;
+    let mut decoder = Decoder::new(py, input, area, &buffers, mode, Some(channel), true)?;
     let value = decoder.message();
     drop(lease);
     Ok((value?, decoder.external_bytes.get()))
@@ -610,7 +607,7 @@ pub fn loads<'py>(
         .into());
     }
     let area = &frame[header.payload_offset as usize..];
-    Decoder::new(py, input, area, Mode::Copy, None, allow_pickle)?.message()
+    Decoder::new(py, input, area, &[], Mode::Copy, None, allow_pickle)?.message()
 }
 
 /// Cancels a ticket this process issued that will never be loaded (its child exited):

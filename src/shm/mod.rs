@@ -144,41 +144,41 @@ impl Segment {
     }
 
     /// Maps the segment held as descriptor `fd` by process `pid`, checking that it is the
-    /// file with `identity` (a reused pid or descriptor number is refused).
+    /// file with `identity` (a reused pid or descriptor number is refused) and that it holds
+    /// the `len` bytes to map.
+    ///
+    /// Every argument comes from shared memory or a ticket, so none is trusted: the
+    /// descriptor is first opened as a bare path (`O_PATH`, which neither reads nor writes
+    /// the file, so naming some other process's tty, device or FIFO has no effect) and
+    /// checked there; only the checked file is then opened for mapping, through that very
+    /// `O_PATH` descriptor (looking with `stat` and then opening the path could open a file
+    /// the process put under that number in between). A `len` past the end of the file
+    /// would map pages with nothing behind them, and the first access to one would be a
+    /// `SIGBUS`.
     pub fn attach(pid: u32, fd: RawFd, len: usize, identity: FileIdentity) -> Result<Segment> {
         let path = format!("/proc/{pid}/fd/{fd}");
-        let cpath = CString::new(path.clone()).expect("no NUL in a /proc path");
-        // Look before opening: `stat` follows the link without opening its target, so a
-        // descriptor that the process has reused for something else (a tty, a device,
-        // a FIFO, where opening alone has effects) is never opened.
-        // SAFETY: `stat` is plain old data that `stat()` fills on success.
-        let mut found: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `cpath` is NUL-terminated and `found` is a live `stat`.
-        if unsafe { libc::stat(cpath.as_ptr(), &mut found) } != 0 {
-            return Err(Error::last_os(format!(
-                "looking up shared memory through {path}"
-            )));
-        }
-        if (found.st_dev, found.st_ino) != (identity.device, identity.inode) {
+        let located = open(&path, libc::O_PATH).map_err(|source| {
+            Error::os(format!("attaching shared memory through {path}"), source)
+        })?;
+        let stat = file_stat(&located)?;
+        if identity_from(&stat) != identity {
             return Err(Error::Incompatible(format!(
                 "{path} is not the expected segment (the process reused the descriptor)"
             )));
         }
-        // SAFETY: `cpath` is NUL-terminated.
-        let raw = unsafe { libc::open(cpath.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-        if raw < 0 {
-            return Err(Error::last_os(format!(
-                "attaching shared memory through {path}"
-            )));
-        }
-        // SAFETY: `raw` was just opened and is owned by no one else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let found = identity_of(&fd)?;
-        if found != identity {
+        let size = stat.st_size as u64;
+        if stat.st_mode & libc::S_IFMT != libc::S_IFREG || size < len as u64 {
             return Err(Error::Incompatible(format!(
-                "{path} is not the expected segment (the process reused the descriptor)"
+                "{path} holds {size} bytes but the channel's records say its segment has {len} \
+                 (corrupt shared memory?)"
             )));
         }
+        // Reopening our own O_PATH descriptor opens that very file, whatever `path` names now.
+        let fd = open(
+            &format!("/proc/self/fd/{}", located.as_raw_fd()),
+            libc::O_RDWR,
+        )
+        .map_err(|source| Error::os(format!("opening shared memory found at {path}"), source))?;
         Segment::map(fd, len)
     }
 
@@ -258,17 +258,37 @@ fn reserve(fd: &OwnedFd, len: usize) -> io::Result<()> {
     Ok(())
 }
 
-fn identity_of(fd: &OwnedFd) -> Result<FileIdentity> {
+/// Opens `path` (close-on-exec) with `flags`.
+fn open(path: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let cpath = CString::new(path).expect("no NUL in a /proc path");
+    // SAFETY: `cpath` is NUL-terminated; no mode is needed without O_CREAT.
+    let raw = unsafe { libc::open(cpath.as_ptr(), flags | libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` was just opened and is owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn file_stat(fd: &OwnedFd) -> Result<libc::stat> {
     // SAFETY: `stat` is plain old data; fstat fills it completely on success.
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid descriptor and a pointer to a live `stat`.
+    // SAFETY: valid descriptor (O_PATH ones included) and a pointer to a live `stat`.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } != 0 {
         return Err(Error::last_os("fstat on a shared-memory segment"));
     }
-    Ok(FileIdentity {
+    Ok(stat)
+}
+
+fn identity_from(stat: &libc::stat) -> FileIdentity {
+    FileIdentity {
         device: stat.st_dev,
         inode: stat.st_ino,
-    })
+    }
+}
+
+fn identity_of(fd: &OwnedFd) -> Result<FileIdentity> {
+    file_stat(fd).map(|stat| identity_from(&stat))
 }
 
 fn free_space(dir: &std::path::Path) -> Option<u64> {
@@ -349,6 +369,18 @@ mod tests {
             error.to_string().contains("not the expected segment"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn attach_refuses_a_length_past_the_end_of_the_file() {
+        let segment = Segment::create(&Backing::Memfd, "tensorslab-short", 4096).unwrap();
+        // Mapping 1 MiB of a 4 KiB file succeeds, and the first touch past 4 KiB is a SIGBUS.
+        let error = Segment::attach(current_pid(), segment.raw_fd(), 1 << 20, segment.identity())
+            .expect_err("attached 1 MiB of a 4 KiB segment");
+        assert!(matches!(error, Error::Incompatible(_)), "{error}");
+        assert!(error.to_string().contains("4096"), "{error}");
+        // The exact length still attaches.
+        Segment::attach(current_pid(), segment.raw_fd(), 4096, segment.identity()).unwrap();
     }
 
     #[test]

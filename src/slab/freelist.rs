@@ -17,11 +17,10 @@ impl Slab {
             let Some(block) = SlabRef::from_link(link) else {
                 break;
             };
-            let header = self.header(block)?;
-            if unpack(header.size_state.load(Ordering::Relaxed)).0 >= size {
+            if self.fits(block, size) {
                 return Ok(Some(block));
             }
-            link = header.next_free.load(Ordering::Relaxed);
+            link = self.header(block)?.next_free.load(Ordering::Relaxed);
         }
         let first = first_bin_fitting(size);
         for word_index in first / 64..heap.bitmap.len() {
@@ -30,11 +29,31 @@ impl Slab {
                 word &= !0u64 << (first % 64);
             }
             if word != 0 {
+                // The bitmap is shared memory: a bit past the last bin names no list.
                 let bin = word_index * 64 + word.trailing_zeros() as usize;
-                return Ok(SlabRef::from_link(heap.bins[bin].load(Ordering::Relaxed)));
+                let Some(head) = heap.bins.get(bin) else {
+                    return Ok(None);
+                };
+                let block = SlabRef::from_link(head.load(Ordering::Relaxed));
+                return Ok(block.filter(|&block| self.fits(block, size)));
             }
         }
         Ok(None)
+    }
+
+    /// True when free block `block`, as its header says, holds `size` bytes and lies inside
+    /// its segment (a block taken from a list whose header says otherwise would be carved
+    /// past its real end).
+    fn fits(&self, block: SlabRef, size: usize) -> bool {
+        let (Ok(header), Ok(segment)) = (self.header(block), self.segment(block.segment())) else {
+            return false;
+        };
+        let found = unpack(header.size_state.load(Ordering::Relaxed)).0;
+        found >= size
+            && block
+                .offset()
+                .checked_add(found)
+                .is_some_and(|end| end <= segment.len())
     }
 
     pub(super) fn take_fitting(&self, size: usize) -> Result<Option<SlabRef>> {

@@ -390,7 +390,10 @@ impl Slab {
     pub fn header(&self, block: SlabRef) -> Result<&BlockHeader> {
         let segment = self.segment(block.segment())?;
         let offset = block.offset();
-        if offset % HEADER_LEN != 0 || offset + HEADER_LEN > segment.len() {
+        let inside = offset
+            .checked_add(HEADER_LEN)
+            .is_some_and(|end| end <= segment.len());
+        if offset % HEADER_LEN != 0 || !inside {
             return Err(Error::Incompatible(format!(
                 "slab reference {:#x} points outside segment {} ({} bytes)",
                 block.0,
@@ -403,24 +406,40 @@ impl Slab {
         Ok(unsafe { &*segment.base().add(offset).cast::<BlockHeader>() })
     }
 
-    /// A used block's content, after checking the reference really names a used block.
+    /// A used block's content and capacity, after checking the reference really names a
+    /// used block inside its segment whose header claims no more content than it holds.
+    /// `content_len` is shared memory that another process may change at any time: a
+    /// caller that reads it after this check still bounds it by the capacity returned.
     pub fn content(&self, block: SlabRef) -> Result<(&BlockHeader, *mut u8, usize)> {
         let header = self.header(block)?;
         let (size, state) = unpack(header.size_state.load(Ordering::Acquire));
         let segment = self.segment(block.segment())?;
+        let inside = block
+            .offset()
+            .checked_add(size)
+            .is_some_and(|end| end <= segment.len());
         if state != STATE_USED
             || header.check.load(Ordering::Acquire) != block.check_word()
             || size < MIN_BLOCK
-            || block.offset() + size > segment.len()
+            || !inside
         {
             return Err(Error::Incompatible(format!(
                 "slab reference {:#x} does not name a block in use (corrupt descriptor?)",
                 block.0
             )));
         }
+        let capacity = size - HEADER_LEN;
+        let len = header.content_len.load(Ordering::Relaxed);
+        if len > capacity as u64 {
+            return Err(Error::Incompatible(format!(
+                "slab block {:#x} says it holds {len} bytes of content but has room for \
+                 {capacity} (corrupt block header?)",
+                block.0
+            )));
+        }
         // SAFETY: the block lies inside the segment (checked above).
         let address = unsafe { segment.base().add(block.offset() + HEADER_LEN) };
-        Ok((header, address, size - HEADER_LEN))
+        Ok((header, address, capacity))
     }
 
     /// Block size needed for `content_len` bytes of content.
@@ -527,7 +546,7 @@ impl Slab {
     /// block would hang forever. Heap lock held.
     fn check_can_ever_fit(&self, content_len: usize, size: usize) -> Result<()> {
         let heap = self.heap();
-        let count = heap.segment_count.load(Ordering::Relaxed) as usize;
+        let count = (heap.segment_count.load(Ordering::Relaxed) as usize).min(MAX_SEGMENTS);
         let largest_segment = heap.segments[..count]
             .iter()
             .map(|record| record.len.load(Ordering::Relaxed))

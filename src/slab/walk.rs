@@ -1,9 +1,22 @@
 //! Walking a segment block by block (by the sizes in their headers): listing what is in
 //! use, and rebuilding the free lists after a process died holding the heap lock. The
 //! size words are always consistent (one store per transition); links may not be.
+//!
+//! Sizes and the segment count are read from shared memory, so a walk trusts none of them:
+//! it visits at most `MAX_SEGMENTS` segments and ends a segment's walk at the first size
+//! that is too small or would reach past the segment's end (each step moves forward by at
+//! least a header, so a walk always ends).
 use super::block::{pack, unpack, SlabRef, HEADER_LEN, STATE_FREE, STATE_USED};
 use super::Slab;
+use crate::layout::MAX_SEGMENTS;
 use crate::sync::Ordering;
+
+/// The offset after a block of `size` at `offset`, if that block lies inside a segment of
+/// `len` bytes and is at least a header long.
+fn next_offset(offset: usize, size: usize, len: usize) -> Option<usize> {
+    let end = offset.checked_add(size)?;
+    (size >= HEADER_LEN && end <= len).then_some(end)
+}
 
 impl Slab {
     /// Every block in use with its owner word, walked under the heap lock.
@@ -21,7 +34,7 @@ impl Slab {
 
     /// `used_blocks` for a caller that holds the heap lock.
     pub(super) fn used_blocks_locked(&self) -> Vec<(SlabRef, u64)> {
-        let count = self.heap().segment_count.load(Ordering::Acquire) as usize;
+        let count = self.walked_segments();
         let mut used = vec![];
         for index in 0..count {
             let Ok(segment) = self.segment(index) else {
@@ -34,13 +47,13 @@ impl Slab {
                     break;
                 };
                 let (size, state) = unpack(header.size_state.load(Ordering::Acquire));
-                if size < HEADER_LEN || offset + size > segment.len() {
+                let Some(next) = next_offset(offset, size, segment.len()) else {
                     break;
-                }
+                };
                 if state == STATE_USED {
                     used.push((block, header.owner.load(Ordering::Relaxed)));
                 }
-                offset += size;
+                offset = next;
             }
         }
         used
@@ -57,7 +70,7 @@ impl Slab {
         for word in heap.bitmap.iter() {
             word.store(0, Ordering::Relaxed);
         }
-        let count = heap.segment_count.load(Ordering::Acquire) as usize;
+        let count = self.walked_segments();
         let (mut used_bytes, mut used_blocks) = (0u64, 0u64);
         for index in 0..count {
             let Ok(segment) = self.segment(index) else {
@@ -75,9 +88,9 @@ impl Slab {
                     break;
                 };
                 let (size, state) = unpack(header.size_state.load(Ordering::Relaxed));
-                if size < HEADER_LEN || offset + size > len {
+                let Some(next) = next_offset(offset, size, len) else {
                     break;
-                }
+                };
                 if state == STATE_FREE {
                     free_run = Some(match free_run {
                         Some((start, run)) => (start, run + size),
@@ -96,7 +109,7 @@ impl Slab {
                     used_blocks += 1;
                     prev_size = size;
                 }
-                offset += size;
+                offset = next;
             }
             if let Some((start, run)) = free_run {
                 self.finish_free_run(start, run);
@@ -104,6 +117,12 @@ impl Slab {
         }
         heap.used_bytes.store(used_bytes, Ordering::Relaxed);
         heap.used_blocks.store(used_blocks, Ordering::Relaxed);
+    }
+
+    /// Segments a walk visits: the count in shared memory, but never past the table.
+    fn walked_segments(&self) -> usize {
+        // Acquire: pairs with the Release store in `grow`, making the records visible.
+        (self.heap().segment_count.load(Ordering::Acquire) as usize).min(MAX_SEGMENTS)
     }
 
     fn finish_free_run(&self, start: SlabRef, size: usize) {

@@ -1,11 +1,12 @@
 //! Value stream -> Python value. Arrays become zero-copy views of the slab (held by the
 //! message's lease) or, in copy mode (`get(copy=True)`, `loads`), private copies.
 //!
-//! Everything read from the frame is untrusted: the `Reader` bounds-checks the stream,
-//! `payload` bounds-checks every location, and classes named in the stream are resolved
-//! and used only as `records.rs` allows (the kind their tag says, declared fields only, no
-//! imports for untrusted data), so a crafted frame cannot call arbitrary functions or set
-//! arbitrary state. Pickles are refused unless allowed.
+//! Everything read from the frame is untrusted: the stream is a private copy (see
+//! `FrameHeader::copy_from_shared`) that the `Reader` bounds-checks, `payload` checks every
+//! location against its block (which must be one the frame holds), and classes named in
+//! the stream are resolved and used only as `records.rs` allows (the kind their tag says,
+//! declared fields only, no imports for untrusted data), so a crafted frame cannot call
+//! arbitrary functions or set arbitrary state. Pickles are refused unless allowed.
 //!
 //! A failure names where it happened, as `msg['batch'][3].weight: ...`: each container
 //! adds its segment to `path` as the error passes through it, so the path costs nothing
@@ -52,6 +53,9 @@ pub struct Decoder<'py, 'a> {
     input: Reader<'a>,
     /// This frame's payload area.
     area: &'a [u8],
+    /// The `alloc` blocks the frame holds (listed at the start of its stream): the only
+    /// slab blocks its locations may name.
+    blocks: &'a [SlabRef],
     mode: Mode,
     /// The `Lease` object shared as `base` by NumPy views of this message.
     lease_object: Option<Py<Lease>>,
@@ -73,6 +77,7 @@ impl<'py, 'a> Decoder<'py, 'a> {
         py: Python<'py>,
         input: Reader<'a>,
         area: &'a [u8],
+        blocks: &'a [SlabRef],
         mode: Mode,
         channel: Option<&'a Channel>,
         allow_pickle: bool,
@@ -82,6 +87,7 @@ impl<'py, 'a> Decoder<'py, 'a> {
             types: types(py)?,
             input,
             area,
+            blocks,
             mode,
             lease_object: None,
             channel,
@@ -378,7 +384,9 @@ impl<'py, 'a> Decoder<'py, 'a> {
         }
     }
 
-    /// Address of a payload, after checking it lies inside its block.
+    /// Address of a payload, after checking it lies inside its block: this frame's
+    /// payload area, or an `alloc` block the frame holds (so the message's lease keeps it
+    /// alive for as long as the views made here).
     fn payload(&self, location: Location) -> PyResult<*mut u8> {
         if location.block == 0 {
             let range = payload_range(location, self.area.len() as u64)?;
@@ -388,10 +396,18 @@ impl<'py, 'a> Decoder<'py, 'a> {
             .channel
             .ok_or_else(|| corrupt("reference to a slab block outside a channel"))?;
         let block = SlabRef::from_link(location.block).ok_or_else(|| corrupt("slab block 0"))?;
-        let (header, address, _) = channel.slab().content(block)?;
+        if !self.blocks.contains(&block) {
+            return Err(corrupt(format!(
+                "payload in slab block {:#x}, which the message does not hold",
+                block.0
+            )));
+        }
+        let (header, address, capacity) = channel.slab().content(block)?;
+        // Read once and kept within the block: another process may change it meanwhile.
         let len = header
             .content_len
-            .load(std::sync::atomic::Ordering::Relaxed);
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(capacity as u64);
         let range = payload_range(location, len)?;
         self.external_bytes
             .set(self.external_bytes.get() + location.nbytes);
