@@ -19,7 +19,7 @@ impl Channel {
             used_blocks,
             queued: self.ring().len(),
             capacity: self.ring().capacity(),
-            max_slab_bytes: control.max_slab_bytes.load(Ordering::Relaxed),
+            max_slab_bytes: self.slab.max_slab_bytes(),
             segments: control.heap.segment_count.load(Ordering::Relaxed),
             senders: control.open(Side::Sender),
             receivers: control.open(Side::Receiver),
@@ -52,7 +52,7 @@ impl Channel {
 
     pub(super) fn slab_full_error(&self, len: usize) -> Error {
         let (mapped, used, _) = self.slab.usage();
-        let max = self.control().max_slab_bytes.load(Ordering::Relaxed);
+        let max = self.slab.max_slab_bytes();
         Error::Full(format!(
             "slab exhausted: a message of {} does not fit; {} of {} mapped (max_slab_bytes {}) is held by {}; raise max_slab_bytes, drop received tensors sooner, or drop alloc buffers that will not be sent",
             format_bytes(len as u64),

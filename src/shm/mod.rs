@@ -88,7 +88,9 @@ impl Backing {
             Backing::Memfd => {
                 let cname = CString::new(name).expect("segment names have no NUL");
                 // SAFETY: `cname` is a valid NUL-terminated string for the call.
-                let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+                let fd = unsafe {
+                    libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+                };
                 if fd < 0 {
                     return Err(Error::last_os(format!("memfd_create({name})")));
                 }
@@ -140,6 +142,10 @@ impl Segment {
                 source,
             )
         })?;
+        if matches!(backing, Backing::Memfd) {
+            seal_size(&fd)
+                .map_err(|source| Error::os(format!("sealing the size of {name}"), source))?;
+        }
         Segment::map(fd, len)
     }
 
@@ -258,6 +264,18 @@ fn reserve(fd: &OwnedFd, len: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// Forbids changing a memfd's size from now on, for every process that can reach it: a
+/// peer that truncated a segment (by mistake, or hostile) would make every other process
+/// touching the lost pages die of SIGBUS. The seal on sealing keeps it that way.
+fn seal_size(fd: &OwnedFd) -> io::Result<()> {
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: plain fcntl on a descriptor we own.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Opens `path` (close-on-exec) with `flags`.
 fn open(path: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
     let cpath = CString::new(path).expect("no NUL in a /proc path");
@@ -358,6 +376,23 @@ mod tests {
         // SAFETY: both map the same file; byte 0 was written above.
         assert_eq!(unsafe { other.base().read() }, 42);
         assert_ne!(other.base(), segment.base());
+    }
+
+    #[test]
+    fn no_process_can_shrink_or_grow_a_memfd_segment() {
+        let segment = Segment::create(&Backing::Memfd, "tensorslab-sealed", 8192).unwrap();
+        // What a hostile or careless peer holding the descriptor would try.
+        // SAFETY: plain syscalls on a descriptor the segment owns (expected to fail).
+        let shrunk = unsafe { libc::ftruncate(segment.raw_fd(), 4096) };
+        assert_eq!(
+            shrunk, -1,
+            "a peer could truncate the segment under its users"
+        );
+        assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::ftruncate(segment.raw_fd(), 1 << 20) }, -1);
+        // SAFETY: the segment is 8 KiB and mapped: the last byte is still there.
+        unsafe { segment.base().add(8191).write(1) };
     }
 
     #[test]

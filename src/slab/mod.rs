@@ -72,6 +72,9 @@ pub struct Slab {
     /// Lists the `alloc` blocks a message frame references (the wire format lives above
     /// this layer; the channel supplies the parser). Used to recount references.
     buffers_of: BuffersOf,
+    /// `ControlBlock::max_slab_bytes`, read once when this process joined: a peer that
+    /// corrupted it later cannot make this process map arbitrary amounts of memory.
+    max_slab_bytes: u64,
 }
 
 /// A block handed out by `allocate`.
@@ -120,7 +123,12 @@ impl Slab {
         slot: SlotId,
         buffers_of: BuffersOf,
     ) -> Slab {
+        // SAFETY: as in `control()`: a validated ControlBlock at the start of the segment.
+        let max_slab_bytes = unsafe { &*control.base().cast::<ControlBlock>() }
+            .max_slab_bytes
+            .load(Ordering::Relaxed);
         Slab {
+            max_slab_bytes,
             control,
             segments: (0..MAX_SEGMENTS).map(|_| OnceLock::new()).collect(),
             attaching: std::sync::atomic::AtomicBool::new(false),
@@ -386,6 +394,11 @@ impl Slab {
         })
     }
 
+    /// The slab's size limit (as read when this process joined).
+    pub fn max_slab_bytes(&self) -> u64 {
+        self.max_slab_bytes
+    }
+
     /// The header of the block at `block`, bounds-checked.
     pub fn header(&self, block: SlabRef) -> Result<&BlockHeader> {
         let segment = self.segment(block.segment())?;
@@ -461,7 +474,7 @@ impl Slab {
     /// died is taken over; other allocators meanwhile get `None` and wait for `freed`.
     pub fn allocate(&self, content_len: usize, owner: u64) -> Result<Option<Allocation>> {
         let size = Self::block_size(content_len).ok_or_else(|| too_large(content_len))?;
-        let max = self.control().max_slab_bytes.load(Ordering::Relaxed);
+        let max = self.max_slab_bytes;
         if size as u64 > max {
             return Err(too_large_for(content_len, max));
         }
@@ -506,10 +519,27 @@ impl Slab {
         crate::failpoint!("allocate.taken");
         let header = self.header(block)?;
         let (found, _) = unpack(header.size_state.load(Ordering::Relaxed));
-        if found - size >= MIN_BLOCK {
-            self.split(block, header, size, found)?;
+        // Read once, checked here: the free lists live in shared memory, and a corrupt size
+        // must never let the copy into this block run past its segment.
+        let segment_len = self.segment(block.segment())?.len();
+        if found < size
+            || block
+                .offset()
+                .checked_add(found)
+                .is_none_or(|end| end > segment_len)
+        {
+            return Err(Error::Incompatible(format!(
+                "free block {:#x} of {found} bytes does not hold {size} bytes inside its segment of {segment_len} (corrupt slab?)",
+                block.0
+            )));
         }
-        let (size, _) = unpack(header.size_state.load(Ordering::Relaxed));
+        // The block keeps the whole `found` unless the tail is worth a block of its own.
+        let size = if found - size >= MIN_BLOCK {
+            self.split(block, header, size, found)?;
+            size
+        } else {
+            found
+        };
         let refs = match owner_kind(owner) {
             OWNER_ALLOC => refs::CREATOR,
             _ => 1,
@@ -552,7 +582,7 @@ impl Slab {
             .map(|record| record.len.load(Ordering::Relaxed))
             .max()
             .unwrap_or(0);
-        let max = self.control().max_slab_bytes.load(Ordering::Relaxed);
+        let max = self.max_slab_bytes;
         let mapped = heap.mapped_bytes.load(Ordering::Relaxed);
         let room = if count < MAX_SEGMENTS {
             max.saturating_sub(mapped)
@@ -607,7 +637,7 @@ impl Slab {
             return false;
         };
         let control = self.control();
-        let max = control.max_slab_bytes.load(Ordering::Relaxed);
+        let max = self.max_slab_bytes;
         if size as u64 > max {
             return false;
         }
@@ -655,7 +685,7 @@ impl Slab {
             // visible (its segment died with it); take the reservation over.
         }
         let index = heap.segment_count.load(Ordering::Relaxed) as usize;
-        let max = control.max_slab_bytes.load(Ordering::Relaxed);
+        let max = self.max_slab_bytes;
         let mapped = heap.mapped_bytes.load(Ordering::Relaxed);
         let room = max.saturating_sub(mapped) as usize / PAGE * PAGE;
         if index >= MAX_SEGMENTS || room < size {
@@ -686,7 +716,7 @@ impl Slab {
                 error,
                 len,
                 heap.mapped_bytes.load(Ordering::Relaxed),
-                self.control().max_slab_bytes.load(Ordering::Relaxed),
+                self.max_slab_bytes,
             )
         })
     }
