@@ -31,7 +31,7 @@ use crate::shm::{current_pid, format_bytes, Backing, FileIdentity, ProcessId, Se
 use crate::slab::block::{owner_word, OWNER_ALLOC, OWNER_QUEUED, OWNER_RECEIVER, OWNER_SENDER};
 use crate::slab::{origin_word, Allocation, Slab, SlabRef};
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
-use crate::wait::{futex_wait, futex_wake, Deadline, Interrupt};
+use crate::wait::{call_scope, futex_wait, futex_wake, Deadline, Interrupt, TimeoutKind};
 use std::sync::atomic::AtomicBool;
 
 /// Most messages a ring may queue.
@@ -545,6 +545,12 @@ fn validate(control: &Segment, expected_id: u64) -> Result<usize> {
 impl Drop for Channel {
     fn drop(&mut self) {
         registry::remove(self.id);
+        // Bounded: a lock a live process never lets go (stopped, or a corrupt word) must not
+        // hang this process's exit; what is left is reclaimed by its reaper.
+        let _scope = call_scope(
+            Deadline::after(Some(Duration::from_secs(1))),
+            TimeoutKind::Full,
+        );
         self.run_deferred();
         if self.owned_here() {
             self.control().release_slot(self.slab.slot_id());

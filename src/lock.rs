@@ -48,8 +48,9 @@ impl Holder {
         (holder & SLOT_MASK != 0).then_some(Holder(holder))
     }
 
+    /// The holder's slot; `u16::MAX` (no such slot) for a word naming none.
     pub fn slot(self) -> u16 {
-        ((self.0 & SLOT_MASK) - 1) as u16
+        ((self.0 & SLOT_MASK) as u16).wrapping_sub(1)
     }
 
     /// The low bits ([`GENERATION_MASK`]) of the holder's slot generation.
@@ -84,7 +85,22 @@ impl LockWord {
 
     /// Takes the lock for `me`. `stuck` runs every sleep interval with the current holder;
     /// it may break a dead holder's lock by calling [`force_release`].
-    pub fn lock(&self, me: Holder, mut stuck: impl FnMut(Holder)) -> LockGuard<'_> {
+    pub fn lock(&self, me: Holder, stuck: impl FnMut(Holder)) -> LockGuard<'_> {
+        match self.lock_until(me, || false, stuck) {
+            Some(guard) => guard,
+            None => unreachable!("a lock that never expires is always taken"),
+        }
+    }
+
+    /// [`lock`](Self::lock), giving up (`None`) when `expired` says so; it is asked after
+    /// every sleep (about every 20 ms), so a call's deadline bounds the wait for a holder
+    /// that is alive but does not let go (stopped, or a corrupt word).
+    pub fn lock_until(
+        &self,
+        me: Holder,
+        mut expired: impl FnMut() -> bool,
+        mut stuck: impl FnMut(Holder),
+    ) -> Option<LockGuard<'_>> {
         let me = me.0;
         // Acquire on success: pairs with the Release in `LockGuard::drop`, so the previous
         // holder's writes to the protected state are visible.
@@ -93,7 +109,7 @@ impl LockWord {
             .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
         {
-            return LockGuard { word: self };
+            return Some(LockGuard { word: self });
         }
         let mut spins = 0;
         loop {
@@ -106,7 +122,7 @@ impl LockWord {
                     .compare_exchange(0, want, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
                 {
-                    return LockGuard { word: self };
+                    return Some(LockGuard { word: self });
                 }
                 continue;
             }
@@ -132,9 +148,11 @@ impl LockWord {
             let after = self.state.load(Ordering::Relaxed);
             if after == (current | CONTENDED) {
                 // Still held by the same holder after a whole sleep: let the caller check it.
-                if let Some(holder) = Holder::from_state(after) {
-                    stuck(holder);
-                }
+                // A word naming no slot (corrupt) is a holder whose tenure is over.
+                stuck(Holder(after & HOLDER_MASK));
+            }
+            if expired() {
+                return None;
             }
         }
     }
@@ -227,6 +245,39 @@ mod tests {
         });
         assert_eq!(seen, Some(dead));
         assert_eq!(word.holder(), Some(me));
+    }
+
+    #[test]
+    fn a_wait_gives_up_when_told_and_a_word_naming_no_slot_is_breakable() {
+        let word = LockWord {
+            state: AtomicU32::new(0),
+        };
+        // A live holder that never lets go: the wait ends when `expired` says so.
+        let holder = Holder::new(3, 9);
+        std::mem::forget(word.lock(holder, |_| {}));
+        let mut asked = 0;
+        let gave_up = word.lock_until(
+            Holder::new(1, 1),
+            || {
+                asked += 1;
+                asked == 3
+            },
+            |_| {},
+        );
+        assert!(gave_up.is_none());
+        assert_eq!(word.holder(), Some(holder));
+        // A corrupt word with no slot bits: `stuck` sees a holder of no slot, and may
+        // break it.
+        word.state.store(1 << 16 | CONTENDED, Ordering::Relaxed);
+        let mut seen = None;
+        let me = Holder::new(1, 1);
+        let guard = word.lock(me, |stuck| {
+            seen = Some(stuck.slot());
+            assert!(word.force_release(stuck));
+        });
+        assert_eq!(seen, Some(u16::MAX));
+        assert_eq!(word.holder(), Some(me));
+        drop(guard);
     }
 
     #[test]

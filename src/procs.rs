@@ -430,14 +430,15 @@ impl ControlBlock {
     }
 
     /// Finds processes that died without detaching (and reaps left half-done by reapers
-    /// that died) and takes back what they held. `reclaim(tenure)` runs for each before its
-    /// slot is freed; it must be idempotent, since a reap whose reaper dies is run again by
-    /// another process. `liveness` judges a process (`ProcessId::liveness` outside tests).
+    /// that died, or by this process) and takes back what they held. `reclaim(tenure)` runs
+    /// for each before its slot is freed; it must be idempotent, since a reap whose reaper
+    /// dies is run again by another process, and returns false when it could not finish
+    /// (the slot then stays being reaped by this process, resumed at its next reap). `liveness` judges a process (`ProcessId::liveness` outside tests).
     /// Returns how many slots were freed.
     pub fn reap_dead(
         &self,
         liveness: impl Fn(&ProcessId) -> Liveness,
-        mut reclaim: impl FnMut(SlotId),
+        mut reclaim: impl FnMut(SlotId) -> bool,
     ) -> usize {
         let me = current_pid();
         let mut reaped = 0;
@@ -446,13 +447,16 @@ impl ControlBlock {
             let pid = pid_of(state);
             let generation = generation_of(state);
             let phase = phase_of(state);
-            if pid == 0 || pid == me || phase > PHASE_REAPING {
+            // Never reap itself; but resume its own reap that did not finish.
+            let own_reap = phase == PHASE_REAPING && pid == me;
+            if pid == 0 || (pid == me && !own_reap) || phase > PHASE_REAPING {
                 continue;
             }
             // Whose death this is about: the occupant (LIVE), the claimant (CLAIMING) or the
             // reaper (REAPING). Claimants and reapers are checked by pid alone: their start
             // time is not recorded, and a reused pid only delays the take-over.
             let judged = match phase {
+                _ if own_reap => Liveness::Dead,
                 PHASE_LIVE => match slot.occupant(index as u16) {
                     Some(occupant) if occupant.state == state => liveness(&occupant.process),
                     _ => continue,
@@ -473,15 +477,18 @@ impl ControlBlock {
             }
             let reaping = state_word(generation, PHASE_REAPING, me);
             // AcqRel: whoever wins reaps; the Acquire half sees the dead process's stores.
-            if slot
-                .state
-                .compare_exchange(state, reaping, Ordering::AcqRel, Ordering::Relaxed)
-                .is_err()
+            if !own_reap
+                && slot
+                    .state
+                    .compare_exchange(state, reaping, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_err()
             {
                 continue;
             }
             for side in [Side::Sender, Side::Receiver] {
-                if slot.count(side).load(Ordering::Acquire) > 0 {
+                // Only when the occupant itself is judged here (a take-over's pid is the
+                // reaper's).
+                if phase == PHASE_LIVE && slot.count(side).load(Ordering::Acquire) > 0 {
                     // Release: pairs with the Acquire load in `died_last`.
                     self.handles.last_dead[side_index(side)].store(pid, Ordering::Release);
                 }
@@ -495,7 +502,9 @@ impl ControlBlock {
                     let _ = cell.compare_exchange(entry, 0, Ordering::AcqRel, Ordering::Relaxed);
                 }
             }
-            reclaim(tenure);
+            if !reclaim(tenure) {
+                continue;
+            }
             crate::failpoint!("reap.reclaimed");
             slot.control_fd.store(-1, Ordering::Relaxed);
             reaped += usize::from(free_slot(slot, reaping, generation));

@@ -89,3 +89,42 @@ impl Deadline {
 /// What a blocked operation runs at every wake-up: the binding checks for pending signals
 /// (Ctrl-C) here and returns `Err(Error::Interrupted)` to abandon the wait.
 pub type Interrupt<'a> = &'a mut dyn FnMut() -> crate::Result<()>;
+
+/// What a call that gives up on a lock because its deadline passed reports: a `put`
+/// (`Full`) or a `get` (`Empty`), as if it had waited for room or a message that long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeoutKind {
+    Full,
+    Empty,
+}
+
+thread_local! {
+    /// The deadline of the blocking call this thread is in (see [`call_scope`]).
+    static CALL: std::cell::Cell<Option<(Instant, TimeoutKind)>> = const { std::cell::Cell::new(None) };
+}
+
+/// While the returned guard lives, waits for the channel's locks on this thread give up
+/// at `deadline` (a lock held by a live process that does not let go, or a corrupt word,
+/// then costs the call its timeout, never a hang). Scopes nest; the innermost wins.
+pub fn call_scope(deadline: Deadline, kind: TimeoutKind) -> CallScope {
+    let previous = CALL.with(|call| call.replace(deadline.0.map(|at| (at, kind))));
+    CallScope { previous }
+}
+
+/// The deadline of the current call, if it has one and it has passed: what to report.
+pub fn call_expired() -> Option<TimeoutKind> {
+    CALL.with(|call| call.get())
+        .filter(|(at, _)| Instant::now() >= *at)
+        .map(|(_, kind)| kind)
+}
+
+/// Restores the enclosing call's deadline when dropped.
+pub struct CallScope {
+    previous: Option<(Instant, TimeoutKind)>,
+}
+
+impl Drop for CallScope {
+    fn drop(&mut self) {
+        CALL.with(|call| call.set(self.previous));
+    }
+}

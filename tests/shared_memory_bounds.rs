@@ -134,7 +134,7 @@ fn walks_end_on_block_sizes_that_wrap() {
         .size_state
         .store(pack(size, STATE_USED), Ordering::Relaxed);
     let walker = channel.clone();
-    let used = finishes(move || walker.slab().used_blocks());
+    let used = finishes(move || walker.slab().used_blocks().unwrap());
     assert_eq!(used.len(), 1, "{used:?}");
     let walker = channel.clone();
     finishes(move || walker.slab().rebuild_free_lists());
@@ -151,7 +151,7 @@ fn a_segment_count_past_the_table_is_refused() {
     let heap = &channel.control().heap;
     heap.segment_count.store(1000, Ordering::Release);
     let walker = channel.clone();
-    finishes(move || walker.slab().used_blocks());
+    finishes(move || walker.slab().used_blocks().unwrap());
     // No block fits and no segment can be added: the allocator must say so, not index
     // the 48-entry segment table with 1000.
     let result = slab.allocate(1536 << 10, sender(&channel));

@@ -289,11 +289,6 @@ def test_stream_changed_while_it_is_decoded(ctx_name, tmp_path):
         assert got == ("got", {"first": [1], "second": "A" * 16}), got
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LockWord::lock (src/lock.rs) has no deadline: a lock word that names a live "
-    "holder, or no holder at all, hangs every call, whatever its timeout",
-)
 @pytest.mark.parametrize("word", ["live holder", "no holder"])
 def test_lock_word_that_never_unlocks(word):
     tx, rx, shm = new_channel(capacity=4, slab_bytes=MiB, max_slab_bytes=4 * MiB)
@@ -326,10 +321,10 @@ FUZZ_SECONDS = float(os.environ.get("TENSORSLAB_FUZZ_SECONDS", "60"))
 HANG_MARGIN = 45.0
 
 # Parts of the control block to write over, from after the magic and ABI version words.
-# The two lock words are left out: a lock that reads as held by a live process is never
-# taken, and `LockWord::lock` has no deadline (see the xfail test above).
+# The lock words included: one that reads as held by a live process costs each call its
+# timeout (see `test_lock_word_that_never_unlocks`), never a hang.
 CONTROL_PARTS = [
-    (16, RING_LOCK),  # channel id, capacity, flags, max_slab_bytes, control_len
+    (16, RING_HEAD),  # channel id, capacity, flags, max_slab_bytes, control_len, lock words
     (RING_HEAD, RING_STATE_END),  # ring indices and wake-up words
     (SEGMENT_COUNT, SEGMENT_RECORDS),  # heap counters, free-list bitmap and bins
     (SEGMENT_RECORDS, SEGMENT_RECORDS + 4 * SEGMENT_RECORD),  # the first segment records

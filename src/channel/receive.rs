@@ -7,6 +7,7 @@ use super::*;
 /// dying, with the GIL held) must not wait for another process's critical section, so the
 /// release is queued here and run soon after by this process (see `run_deferred`). The
 /// block stays owned by this process meanwhile: if it dies, its reaper frees it.
+#[derive(Clone, Copy)]
 pub(super) enum Deferred {
     Message(SlabRef),
     Creator(SlabRef),
@@ -20,6 +21,7 @@ impl Channel {
         deadline: Deadline,
         interrupt: Interrupt,
     ) -> Result<Received> {
+        let _scope = call_scope(deadline, TimeoutKind::Empty);
         self.run_deferred();
         if let Some(received) = self.try_pop()? {
             return Ok(received);
@@ -61,7 +63,7 @@ impl Channel {
         // populates every page: milliseconds). Errors surface below, under the lock.
         let _ = self.slab.attach_all();
         let entry = {
-            let _guard = self.slab.lock(&control.ring_lock);
+            let _guard = self.slab.lock(&control.ring_lock)?;
             let ring = self.ring();
             let Some(entry) = ring.peek() else {
                 return Ok(None);
@@ -128,23 +130,25 @@ impl Channel {
         // exist there; then (or while another thread drains) the release just waits.
         match self.deferred.try_lock() {
             Ok(mut list) => list.push(release),
-            Err(_) => return self.run(release),
+            Err(_) => return self.run(release, None),
         }
         // The watchers sleep on this word: wake ours to run the release now rather than at
         // its next tick (the others wake, look, and sleep again).
         futex_wake(&self.control().heap.segment_count, i32::MAX);
     }
 
-    fn run(&self, release: Deferred) {
-        match release {
-            Deferred::Message(block) => {
-                if let Ok(origin) = self.slab.free_message(block) {
-                    self.uncount_outstanding(origin);
-                }
-            }
-            Deferred::Creator(block) => {
-                let _ = self.slab.drop_creator(block);
-            }
+    /// Runs a release, waiting for the heap lock; one that times out (the call's deadline
+    /// passed while a live process held the lock) goes back on `retry`.
+    fn run(&self, release: Deferred, retry: Option<&mut Vec<Deferred>>) {
+        let outcome = match release {
+            Deferred::Message(block) => self
+                .slab
+                .free_message(block)
+                .map(|origin| self.uncount_outstanding(origin)),
+            Deferred::Creator(block) => self.slab.drop_creator(block),
+        };
+        if let (Err(Error::Full(_) | Error::Empty(_)), Some(retry)) = (outcome, retry) {
+            retry.push(release);
         }
     }
 
@@ -159,8 +163,15 @@ impl Channel {
             Ok(mut list) if !list.is_empty() => std::mem::take(&mut *list),
             _ => return,
         };
+        let mut retry = vec![];
         for release in releases {
-            self.run(release);
+            self.run(release, Some(&mut retry));
+        }
+        if !retry.is_empty() {
+            match self.deferred.lock() {
+                Ok(mut list) => list.extend(retry),
+                Err(poisoned) => poisoned.into_inner().extend(retry),
+            }
         }
     }
 

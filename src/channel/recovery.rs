@@ -25,6 +25,7 @@
 use std::collections::HashSet;
 
 use super::{Channel, REAP_INTERVAL};
+use crate::error::Error;
 use crate::procs::SlotId;
 use crate::slab::block::{
     owner_kind, owner_slot, OWNER_ALLOC, OWNER_QUEUED, OWNER_RECEIVER, OWNER_SENDER,
@@ -60,36 +61,47 @@ impl Channel {
     }
 
     /// Takes back the memory a dead process held (see "Crash recovery" in the module docs).
-    /// Idempotent: run again (by a reaper taking over), it finds only what is left.
-    pub(super) fn reclaim(&self, dead: SlotId) {
-        let queued: HashSet<u64> = {
-            let _guard = self.slab.lock(&self.control().ring_lock);
-            self.ring().queued().map(|entry| entry.block).collect()
+    /// Idempotent: run again (by a reaper taking over), it finds only what is left. False
+    /// when it could not finish: a lock wait reached the deadline of the call it runs in
+    /// (the slot then stays being reaped, and the next reap resumes it).
+    pub(super) fn reclaim(&self, dead: SlotId) -> bool {
+        let Ok(queued) = self.slab.lock(&self.control().ring_lock).map(|_guard| {
+            self.ring()
+                .queued()
+                .map(|entry| entry.block)
+                .collect::<HashSet<u64>>()
+        }) else {
+            return false;
         };
         crate::failpoint!("reclaim.after_ring_snapshot");
-        for (block, owner) in self.slab.used_blocks() {
+        let Ok(used) = self.slab.used_blocks() else {
+            return false;
+        };
+        for (block, owner) in used {
             if owner_slot(owner) != dead || queued.contains(&block.0) {
                 continue;
             }
-            match owner_kind(owner) {
+            let outcome = match owner_kind(owner) {
                 // A message it had taken: its views died with it.
-                OWNER_RECEIVER => {
-                    if let Ok(origin) = self.slab.free_message_owned_by(block, owner) {
-                        self.uncount_outstanding(origin);
-                    }
-                }
+                OWNER_RECEIVER => self
+                    .slab
+                    .free_message_owned_by(block, owner)
+                    .map(|origin| self.uncount_outstanding(origin)),
                 // A put it never finished: nobody else has seen the block.
                 OWNER_SENDER | OWNER_QUEUED => {
-                    let _ = self.slab.free_message_owned_by(block, owner);
+                    self.slab.free_message_owned_by(block, owner).map(drop)
                 }
                 // Its own hold on an `alloc` buffer; messages may still hold it.
-                OWNER_ALLOC => {
-                    let _ = self.slab.drop_creator_owned_by(block, owner);
-                }
-                _ => {}
+                OWNER_ALLOC => self.slab.drop_creator_owned_by(block, owner),
+                _ => Ok(()),
+            };
+            // A timed-out lock wait; other errors (the block changed hands) are final.
+            if matches!(outcome, Err(Error::Full(_) | Error::Empty(_))) {
+                return false;
             }
             crate::failpoint!("reclaim.after_block");
         }
+        true
     }
 }
 

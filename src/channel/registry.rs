@@ -137,6 +137,10 @@ pub fn after_fork_in_child(count_inherited: bool, adopt: impl FnOnce()) {
                     control.adopt_pending(pending, slot);
                 }
                 channel.slab.after_fork_in_child();
+                // The parent's deferred releases are the parent's to run.
+                if let Ok(mut list) = channel.deferred.try_lock() {
+                    list.clear();
+                }
                 channel.slab.set_slot(slot);
                 channel.slab.publish_mapped_segments();
                 channel.pid.store(current_pid(), Ordering::Relaxed);

@@ -21,6 +21,7 @@ impl Channel {
         deadline: Deadline,
         interrupt: Interrupt,
     ) -> Result<Allocation> {
+        let _scope = call_scope(deadline, TimeoutKind::Full);
         self.run_deferred();
         self.ensure_receivers()?;
         if !block && self.ring().is_full() {
@@ -36,6 +37,7 @@ impl Channel {
         deadline: Deadline,
         interrupt: Interrupt,
     ) -> Result<Allocation> {
+        let _scope = call_scope(deadline, TimeoutKind::Full);
         self.allocate(len, OWNER_ALLOC, true, deadline, interrupt)
     }
 
@@ -114,6 +116,7 @@ impl Channel {
         deadline: Deadline,
         interrupt: Interrupt,
     ) -> Result<()> {
+        let _scope = call_scope(deadline, TimeoutKind::Full);
         let me = self.slab.slot_id();
         let entry = Entry {
             block: allocation.block.0,
@@ -198,7 +201,7 @@ impl Channel {
     pub(super) fn try_push(&self, entry: Entry) -> Result<bool> {
         let control = self.control();
         let pushed = {
-            let _guard = self.slab.lock(&control.ring_lock);
+            let _guard = self.slab.lock(&control.ring_lock)?;
             self.ring().push(entry)
         };
         if pushed {

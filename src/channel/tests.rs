@@ -480,7 +480,7 @@ fn a_release_that_finds_the_heap_lock_taken_is_deferred_not_waited_for() {
     let holder = {
         let channel = channel.clone();
         std::thread::spawn(move || {
-            let _guard = channel.slab().lock(&channel.control().heap_lock);
+            let _guard = channel.slab().lock(&channel.control().heap_lock).unwrap();
             locked_tx.send(()).unwrap();
             // Held until the release below has returned: a release that waited for the
             // lock would never return, and this would time out.

@@ -28,6 +28,7 @@ use crate::procs::SlotId;
 use crate::shm::{format_bytes, Backing, FileIdentity, Liveness, Segment};
 use crate::sync::{AtomicU64, Ordering};
 use crate::wait::futex_wake;
+use crate::wait::TimeoutKind;
 use block::{owner_kind, pack, unpack, MIN_BLOCK, OWNER_ALLOC, STATE_FREE, STATE_USED};
 pub use block::{BlockHeader, SlabRef, HEADER_LEN};
 pub use refs::BuffersOf;
@@ -249,22 +250,54 @@ impl Slab {
     /// Takes a lock of the control block, breaking it if its holder died. Breaking the heap
     /// lock repairs what the holder may have left half-done: free lists and `alloc`
     /// reference counts are derived data and are rebuilt from the blocks.
-    pub fn lock<'a>(&'a self, word: &'a LockWord) -> LockGuard<'a> {
+    pub fn lock<'a>(&'a self, word: &'a LockWord) -> Result<LockGuard<'a>> {
         let me = self.slot_id();
         let mut broke = false;
-        let guard = word.lock(Holder::new(me.index, me.generation), |holder| {
-            let over = self.control().tenure_over(
-                holder.slot(),
-                holder.generation(),
-                GENERATION_MASK,
-                |process| process.liveness(),
-            );
-            if over && word.force_release(holder) {
-                broke = true;
-            }
-        });
+        let mut expired = None;
+        let guard = word.lock_until(
+            Holder::new(me.index, me.generation),
+            || {
+                expired = crate::wait::call_expired();
+                expired.is_some()
+            },
+            |holder| {
+                let over = self.control().tenure_over(
+                    holder.slot(),
+                    holder.generation(),
+                    GENERATION_MASK,
+                    |process| process.liveness(),
+                );
+                if over && word.force_release(holder) {
+                    broke = true;
+                }
+            },
+        );
+        let Some(guard) = guard else {
+            return Err(self.lock_timeout(word, expired));
+        };
         self.after_acquiring(word, broke);
-        guard
+        Ok(guard)
+    }
+
+    /// The error of a call whose deadline passed while a live process held `word`.
+    fn lock_timeout(&self, word: &LockWord, kind: Option<TimeoutKind>) -> Error {
+        let which = if std::ptr::eq(word, &self.control().heap_lock) {
+            "slab"
+        } else {
+            "ring"
+        };
+        let holder = word
+            .holder()
+            .and_then(|holder| self.control().processes.get(usize::from(holder.slot())))
+            .and_then(|slot| slot.pid())
+            .map_or_else(|| "no live process".to_string(), |pid| format!("pid {pid}"));
+        let message = format!(
+            "timed out waiting for the channel's {which} lock, held by {holder} (stopped, or stuck in a long critical section?)"
+        );
+        match kind {
+            Some(TimeoutKind::Empty) => Error::Empty(message),
+            _ => Error::Full(message),
+        }
     }
 
     /// The heap lock if it can be had without waiting (a dead holder's lock is broken only
@@ -479,7 +512,7 @@ impl Slab {
             return Err(too_large_for(content_len, max));
         }
         let (index, len) = {
-            let _guard = self.lock(&self.control().heap_lock);
+            let _guard = self.lock(&self.control().heap_lock)?;
             if let Some(block) = self.take_fitting(size)? {
                 return self.carve(block, size, content_len, owner).map(Some);
             }
@@ -492,7 +525,11 @@ impl Slab {
             }
         };
         let created = self.create_segment(index, len);
-        let _guard = self.lock(&self.control().heap_lock);
+        // Installing (or giving the reservation back) must happen whatever the call's
+        // deadline says: a reservation left behind would stop the slab from ever growing.
+        let _whatever_the_deadline =
+            crate::wait::call_scope(crate::wait::Deadline::never(), TimeoutKind::Full);
+        let _guard = self.lock(&self.control().heap_lock)?;
         self.heap().growing.store(0, Ordering::Relaxed);
         let allocation = match created {
             Ok(segment) => {
@@ -641,7 +678,9 @@ impl Slab {
         if size as u64 > max {
             return false;
         }
-        let _guard = self.lock(&control.heap_lock);
+        let Ok(_guard) = self.lock(&control.heap_lock) else {
+            return false;
+        };
         let heap = self.heap();
         if heap.mapped_bytes.load(Ordering::Relaxed) + (size as u64) <= max
             && (heap.segment_count.load(Ordering::Relaxed) as usize) < MAX_SEGMENTS

@@ -88,7 +88,7 @@ impl Slab {
     /// in use.
     pub fn commit_message(&self, message: SlabRef, buffers: &[SlabRef], owner: u64) -> Result<()> {
         {
-            let _guard = self.lock(&self.control().heap_lock);
+            let _guard = self.lock(&self.control().heap_lock)?;
             self.used_header(message, is_message, "a message")?;
             let headers = buffers
                 .iter()
@@ -125,12 +125,13 @@ impl Slab {
             .map(|origin| origin.expect("a waiting free always frees"))
     }
 
-    /// The heap lock, waiting for it or (`wait == false`) only if it is free now.
-    fn heap_guard(&self, wait: bool) -> Option<crate::lock::LockGuard<'_>> {
+    /// The heap lock, waiting for it (until the call's deadline) or (`wait == false`) only
+    /// if it is free now (`None`).
+    fn heap_guard(&self, wait: bool) -> Result<Option<crate::lock::LockGuard<'_>>> {
         if wait {
-            Some(self.lock(&self.control().heap_lock))
+            self.lock(&self.control().heap_lock).map(Some)
         } else {
-            self.try_lock_heap()
+            Ok(self.try_lock_heap())
         }
     }
 
@@ -141,7 +142,7 @@ impl Slab {
         wait: bool,
     ) -> Result<Option<u32>> {
         let origin = {
-            let Some(_guard) = self.heap_guard(wait) else {
+            let Some(_guard) = self.heap_guard(wait)? else {
                 return Ok(None);
             };
             let header = self.used_header(message, is_message, "a message")?;
@@ -179,7 +180,7 @@ impl Slab {
 
     fn drop_creator_of(&self, block: SlabRef, expected: Option<u64>, wait: bool) -> Result<bool> {
         {
-            let Some(_guard) = self.heap_guard(wait) else {
+            let Some(_guard) = self.heap_guard(wait)? else {
                 return Ok(false);
             };
             let header = self.used_header(block, is_alloc, "an alloc buffer")?;

@@ -20,9 +20,9 @@ fn next_offset(offset: usize, size: usize, len: usize) -> Option<usize> {
 
 impl Slab {
     /// Every block in use with its owner word, walked under the heap lock.
-    pub fn used_blocks(&self) -> Vec<(SlabRef, u64)> {
-        let _guard = self.lock(&self.control().heap_lock);
-        self.used_blocks_locked()
+    pub fn used_blocks(&self) -> crate::Result<Vec<(SlabRef, u64)>> {
+        let _guard = self.lock(&self.control().heap_lock)?;
+        Ok(self.used_blocks_locked())
     }
 
     /// `used_blocks` without the heap lock, for reports only (the text of a `Full` error):
