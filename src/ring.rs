@@ -159,6 +159,7 @@ mod loom_tests {
     //! Model of two producers and one consumer sharing the ring under the lock word.
     use super::*;
     use crate::layout::LockWord;
+    use crate::lock::Holder;
     use crate::sync::{AtomicU32, AtomicU64};
     use loom::sync::Arc;
 
@@ -197,7 +198,8 @@ mod loom_tests {
                     loom::thread::spawn(move || {
                         for seq in 0..2u64 {
                             loop {
-                                let _guard = shared.lock.lock(producer as u16, |_| {});
+                                let _guard =
+                                    shared.lock.lock(Holder::new(producer as u16, 1), |_| {});
                                 let ring = Ring {
                                     state: &shared.state,
                                     cells: &shared.cells,
@@ -217,7 +219,7 @@ mod loom_tests {
                 .collect();
             let mut seen = vec![];
             while seen.len() < 4 {
-                let _guard = shared.lock.lock(0, |_| {});
+                let _guard = shared.lock.lock(Holder::new(0, 1), |_| {});
                 let ring = Ring {
                     state: &shared.state,
                     cells: &shared.cells,

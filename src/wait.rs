@@ -54,13 +54,31 @@ pub fn futex_wake(word: &AtomicU32, count: i32) {
     }
 }
 
+/// The address the kernel keys a futex on: the word's own, for [`futex_wait_address`].
+#[cfg(not(loom))]
+pub fn word_address(word: &AtomicU32) -> usize {
+    word.as_ptr() as usize
+}
+
 #[cfg(loom)]
 pub fn futex_wait(_word: &AtomicU32, _expected: u32, _timeout: Duration) {
     loom::thread::yield_now();
 }
 
+/// Nothing sleeps on these under loom (only the watcher thread, which no model runs).
+#[cfg(loom)]
+pub fn futex_wait_address(_address: usize, _expected: u32, _timeout: Duration) {
+    loom::thread::yield_now();
+}
+
 #[cfg(loom)]
 pub fn futex_wake(_word: &AtomicU32, _count: i32) {}
+
+/// Under loom only an identity: the address is never handed to a kernel.
+#[cfg(loom)]
+pub fn word_address(word: &AtomicU32) -> usize {
+    std::ptr::from_ref(word) as usize
+}
 
 /// When a blocking call must give up. `None` waits forever.
 #[derive(Clone, Copy, Debug)]

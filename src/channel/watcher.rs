@@ -48,7 +48,7 @@ fn watch(weak: Weak<Channel>) {
             channel.reap_if_due();
             let count = &channel.control().heap.segment_count;
             (
-                count.as_ptr() as usize,
+                crate::wait::word_address(count),
                 count.load(crate::sync::Ordering::Acquire),
             )
         };
