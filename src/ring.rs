@@ -156,23 +156,36 @@ mod tests {
 
 #[cfg(all(test, loom))]
 mod loom_tests {
-    //! Model of two producers and one consumer sharing the ring under the lock word.
+    //! Producers and consumers sharing the ring under the lock word
+    //! (`LOOM_MAX_PREEMPTIONS=2`; see `make loom`), waiting for room and for messages on
+    //! the ring's wake-up words as `Channel` does (`try_push`, `try_pop`, `wait_until`, and
+    //! the close that `ControlBlock::handles_changed` announces). A sleep ends only on a
+    //! wake under loom (see `wait.rs`), so a lost wake-up is a deadlock here.
+    //!
+    //! Loom treats SeqCst loads and read-modify-writes as AcqRel (a documented limitation),
+    //! which would let both sides of the channel's SeqCst pairing (a waiter registers and
+    //! re-reads the word; a waker bumps the word and reads the waiter count) miss each
+    //! other, a lost wake-up real SeqCst rules out. The model states that guarantee with
+    //! a SeqCst fence between the two accesses on each side, the form loom does check.
     use super::*;
     use crate::layout::LockWord;
     use crate::lock::Holder;
     use crate::sync::{AtomicU32, AtomicU64};
+    use crate::wait::{futex_wait, futex_wake, MAX_SLEEP};
+    use loom::sync::atomic::fence;
     use loom::sync::Arc;
 
     struct Shared {
         lock: LockWord,
         state: RingState,
         cells: Vec<Cell>,
+        /// Producers that have not closed yet (`Channel::any_open(Side::Sender)`).
+        open_producers: AtomicU32,
     }
 
-    #[test]
-    fn each_message_once_in_producer_order() {
-        loom::model(|| {
-            let shared = Arc::new(Shared {
+    impl Shared {
+        fn new(producers: u32, capacity: usize) -> Shared {
+            Shared {
                 lock: LockWord {
                     state: AtomicU32::new(0),
                 },
@@ -184,61 +197,163 @@ mod loom_tests {
                     consumers_waiting: AtomicU32::new(0),
                     producers_waiting: AtomicU32::new(0),
                 },
-                cells: (0..2)
+                cells: (0..capacity)
                     .map(|_| Cell {
                         block: AtomicU64::new(0),
                         origin: AtomicU32::new(0),
                         _reserved: AtomicU32::new(0),
                     })
                     .collect(),
-            });
-            let producers: Vec<_> = (1..=2u32)
-                .map(|producer| {
-                    let shared = shared.clone();
-                    loom::thread::spawn(move || {
-                        for seq in 0..2u64 {
-                            loop {
-                                let _guard =
-                                    shared.lock.lock(Holder::new(producer as u16, 1), |_| {});
-                                let ring = Ring {
-                                    state: &shared.state,
-                                    cells: &shared.cells,
-                                };
-                                if ring.push(Entry {
-                                    block: u64::from(producer) * 10 + seq,
-                                    origin: producer,
-                                }) {
-                                    break;
-                                }
-                                drop(_guard);
-                                loom::thread::yield_now();
-                            }
-                        }
-                    })
-                })
-                .collect();
-            let mut seen = vec![];
-            while seen.len() < 4 {
-                let _guard = shared.lock.lock(Holder::new(0, 1), |_| {});
-                let ring = Ring {
-                    state: &shared.state,
-                    cells: &shared.cells,
-                };
-                match ring.pop() {
-                    Some(entry) => seen.push(entry.block),
-                    None => {
-                        drop(_guard);
-                        loom::thread::yield_now();
-                    }
+                open_producers: AtomicU32::new(producers),
+            }
+        }
+
+        fn ring(&self) -> Ring<'_> {
+            Ring {
+                state: &self.state,
+                cells: &self.cells,
+            }
+        }
+
+        fn try_push(&self, me: Holder, entry: Entry) -> bool {
+            let pushed = {
+                let _guard = self.lock.lock(me, |_| {});
+                self.ring().push(entry)
+            };
+            if pushed {
+                self.state.pushed.fetch_add(1, Ordering::SeqCst);
+                fence(Ordering::SeqCst);
+                if self.state.consumers_waiting.load(Ordering::SeqCst) > 0 {
+                    futex_wake(&self.state.pushed, 1);
                 }
             }
-            for producer in producers {
-                producer.join().unwrap();
+            pushed
+        }
+
+        fn try_pop(&self, me: Holder) -> Option<Entry> {
+            let entry = {
+                let _guard = self.lock.lock(me, |_| {});
+                self.ring().pop()?
+            };
+            self.state.popped.fetch_add(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if self.state.producers_waiting.load(Ordering::SeqCst) > 0 {
+                futex_wake(&self.state.popped, 1);
             }
-            for producer in [1u64, 2] {
-                let order: Vec<_> = seen.iter().filter(|b| *b / 10 == producer).collect();
-                assert_eq!(order, vec![&(producer * 10), &(producer * 10 + 1)]);
+            Some(entry)
+        }
+
+        /// `Channel::wait_until` without deadline: `attempt` until it gives a value,
+        /// sleeping on `word` in between.
+        fn wait_until<T>(
+            &self,
+            word: &AtomicU32,
+            waiters: &AtomicU32,
+            mut attempt: impl FnMut() -> Option<T>,
+        ) -> T {
+            loop {
+                let seen = word.load(Ordering::SeqCst);
+                if let Some(value) = attempt() {
+                    return value;
+                }
+                waiters.fetch_add(1, Ordering::SeqCst);
+                fence(Ordering::SeqCst);
+                if word.load(Ordering::SeqCst) == seen {
+                    futex_wait(word, seen, MAX_SLEEP);
+                }
+                waiters.fetch_sub(1, Ordering::SeqCst);
             }
+        }
+
+        fn produce(&self, producer: u16, count: u64) {
+            let me = Holder::new(producer, 1);
+            for seq in 0..count {
+                let entry = Entry {
+                    block: u64::from(producer) << 8 | seq,
+                    origin: u32::from(producer),
+                };
+                let state = &self.state;
+                self.wait_until(&state.popped, &state.producers_waiting, || {
+                    self.try_push(me, entry).then_some(())
+                });
+            }
+            // Closing (`handles_changed`): every sleeper re-checks who is still open.
+            self.open_producers.fetch_sub(1, Ordering::SeqCst);
+            self.state.pushed.fetch_add(1, Ordering::SeqCst);
+            futex_wake(&self.state.pushed, i32::MAX);
+        }
+
+        /// Takes messages until the ring is empty and every producer closed.
+        fn consume(&self, consumer: u16) -> Vec<Entry> {
+            let me = Holder::new(consumer, 1);
+            let mut taken = vec![];
+            let state = &self.state;
+            loop {
+                let next = self.wait_until(&state.pushed, &state.consumers_waiting, || {
+                    if let Some(entry) = self.try_pop(me) {
+                        return Some(Some(entry));
+                    }
+                    if self.open_producers.load(Ordering::SeqCst) == 0 {
+                        return Some(self.try_pop(me));
+                    }
+                    None
+                });
+                match next {
+                    Some(entry) => taken.push(entry),
+                    None => return taken,
+                }
+            }
+        }
+    }
+
+    /// Producer `p` (from 1) sends `messages[p - 1]` messages; `consumers` threads (the
+    /// model's own thread among them) take them all.
+    fn model(messages: &'static [u64], consumers: u16, capacity: usize) {
+        loom::model(move || {
+            let shared = Arc::new(Shared::new(messages.len() as u32, capacity));
+            let mut threads = vec![];
+            for (index, &count) in messages.iter().enumerate() {
+                let shared = shared.clone();
+                threads.push(loom::thread::spawn(move || {
+                    shared.produce(index as u16 + 1, count);
+                    vec![]
+                }));
+            }
+            for consumer in 1..consumers {
+                let shared = shared.clone();
+                threads.push(loom::thread::spawn(move || shared.consume(100 + consumer)));
+            }
+            let mut taken = vec![shared.consume(100)];
+            taken.extend(threads.into_iter().map(|thread| thread.join().unwrap()));
+            let mut all: Vec<u64> = taken.iter().flatten().map(|entry| entry.block).collect();
+            all.sort_unstable();
+            let mut sent = vec![];
+            for (index, &count) in messages.iter().enumerate() {
+                sent.extend((0..count).map(|seq| (index as u64 + 1) << 8 | seq));
+                // Each consumer sees a producer's messages in the order they were sent.
+                for mine in &taken {
+                    let from: Vec<_> = mine
+                        .iter()
+                        .filter(|e| e.origin == index as u32 + 1)
+                        .collect();
+                    assert!(from.windows(2).all(|pair| pair[0].block < pair[1].block));
+                }
+            }
+            assert_eq!(all, sent, "every message taken exactly once");
         });
+    }
+
+    /// Two producers, two messages each, through two cells: the ring fills, wraps, and a
+    /// producer waits for room.
+    #[test]
+    fn two_producers_one_consumer() {
+        model(&[2, 2], 1, 2);
+    }
+
+    /// Two consumers share one producer's messages: each is taken once, and each consumer
+    /// sees the ones it takes in the order they were sent.
+    #[test]
+    fn one_producer_two_consumers() {
+        model(&[2], 2, 2);
     }
 }

@@ -7,6 +7,8 @@
 //!
 //! Every wait is bounded (at most [`MAX_SLEEP`]) so callers can poll for signals, deadlines
 //! and dead peers; a lost wake-up therefore costs latency, never a hang.
+//!
+//! Under `cfg(loom)` the same functions are stand-ins for the loom models (see below).
 use std::time::{Duration, Instant};
 
 use crate::sync::AtomicU32;
@@ -60,9 +62,35 @@ pub fn word_address(word: &AtomicU32) -> usize {
     word.as_ptr() as usize
 }
 
+// Under loom there is no kernel and no clock. A sleep blocks the modelled thread until a
+// wake (so a lost wake-up is a deadlock loom reports, not a 50 ms hiccup) and every wake
+// wakes every sleeper (spurious wake-ups are allowed: callers re-check). Timeouts do not
+// exist until a model calls `let_sleeps_time_out` (after a holder died): from then on a
+// sleep only lets the other threads run and returns, as a sleep that timed out does.
 #[cfg(loom)]
-pub fn futex_wait(_word: &AtomicU32, _expected: u32, _timeout: Duration) {
-    loom::thread::yield_now();
+mod model {
+    use loom::sync::atomic::AtomicBool;
+    use loom::sync::{Condvar, Mutex};
+
+    loom::lazy_static! {
+        /// The kernel's futex bucket, one for every word: a sleeper checks its word under
+        /// the mutex and a wake takes it, so no wake falls between the check and the sleep.
+        pub static ref BUCKET: (Mutex<()>, Condvar) = (Mutex::new(()), Condvar::new());
+        pub static ref TIMING_OUT: AtomicBool = AtomicBool::new(false);
+    }
+}
+
+#[cfg(loom)]
+pub fn futex_wait(word: &AtomicU32, expected: u32, _timeout: Duration) {
+    use crate::sync::Ordering::SeqCst;
+    let (mutex, sleepers) = &*model::BUCKET;
+    let guard = mutex.lock().unwrap();
+    if model::TIMING_OUT.load(SeqCst) {
+        drop(guard);
+        loom::thread::yield_now();
+    } else if word.load(SeqCst) == expected {
+        drop(sleepers.wait(guard).unwrap());
+    }
 }
 
 /// Nothing sleeps on these under loom (only the watcher thread, which no model runs).
@@ -72,7 +100,21 @@ pub fn futex_wait_address(_address: usize, _expected: u32, _timeout: Duration) {
 }
 
 #[cfg(loom)]
-pub fn futex_wake(_word: &AtomicU32, _count: i32) {}
+pub fn futex_wake(_word: &AtomicU32, _count: i32) {
+    let (mutex, sleepers) = &*model::BUCKET;
+    let _guard = mutex.lock().unwrap();
+    sleepers.notify_all();
+}
+
+/// Under loom: from now on every sleep times out at once (time passes in the model, as it
+/// does for a waiter whose lock holder died and will never wake it).
+#[cfg(loom)]
+pub fn let_sleeps_time_out() {
+    let (mutex, sleepers) = &*model::BUCKET;
+    let _guard = mutex.lock().unwrap();
+    model::TIMING_OUT.store(true, crate::sync::Ordering::SeqCst);
+    sleepers.notify_all();
+}
 
 /// Under loom only an identity: the address is never handed to a kernel.
 #[cfg(loom)]
