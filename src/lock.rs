@@ -299,3 +299,152 @@ mod tests {
         assert_eq!((successor.slot(), successor.generation()), (7, 4));
     }
 }
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    //! Models of the lock word (see `make loom`). Under loom a sleep in `futex_wait` lasts
+    //! until a wake, so a lost wake-up shows as a deadlock; sleeps only time out once a
+    //! model lets time pass (`let_sleeps_time_out`), as it does when a holder dies. A
+    //! holder dies by `mem::forget` of its guard and the end of its tenure of its slot
+    //! (`Shared::occupant`); waiters break the lock as `Slab::lock` does.
+    use super::*;
+    use crate::sync::AtomicU32;
+    use crate::wait::let_sleeps_time_out;
+    use loom::cell::UnsafeCell;
+    use loom::sync::Arc;
+
+    const DEAD_SLOT: u16 = 7;
+
+    /// Breaking a lock in the window between another waiter's judgement and its
+    /// `force_release` takes three preemptions: with two, a `force_release` that frees
+    /// any holder passed every model here.
+    fn model(f: impl Fn() + Sync + Send + 'static) {
+        crate::sync::model(3, f);
+    }
+
+    struct Shared {
+        word: LockWord,
+        /// Data only the holder may touch: loom reports any access not ordered after the
+        /// previous holder's (two holders at once, or a missing Acquire/Release).
+        protected: UnsafeCell<u32>,
+        /// Generation of the live occupant of `DEAD_SLOT`, 0 once it died: what the
+        /// model's `tenure_over` looks at.
+        occupant: AtomicU32,
+        /// Locks broken, by the holder that was broken.
+        broken: loom::sync::Mutex<Vec<Holder>>,
+    }
+
+    impl Shared {
+        fn new(occupant: u32) -> Arc<Shared> {
+            Arc::new(Shared {
+                word: LockWord {
+                    state: AtomicU32::new(0),
+                },
+                protected: UnsafeCell::new(0),
+                occupant: AtomicU32::new(occupant),
+                broken: loom::sync::Mutex::new(vec![]),
+            })
+        }
+
+        /// `ControlBlock::tenure_over` in the model: the tenure `holder` names is over when
+        /// its slot's occupant died or is another generation (other slots are all alive).
+        fn tenure_over(&self, holder: Holder) -> bool {
+            holder.slot() == DEAD_SLOT
+                && self.occupant.load(Ordering::SeqCst) & GENERATION_MASK != holder.generation()
+        }
+
+        /// Takes the lock as `Slab::lock` does (breaking it from a holder whose tenure is
+        /// over) and updates the protected data.
+        fn critical_section(&self, me: Holder) {
+            let _guard = self.word.lock(me, |holder| {
+                if self.tenure_over(holder) && self.word.force_release(holder) {
+                    self.broken.lock().unwrap().push(holder);
+                }
+            });
+            // SAFETY: loom checks this access itself (it panics on a concurrent one).
+            self.protected.with_mut(|value| unsafe { *value += 1 });
+        }
+
+        /// `holder` takes the lock and never unlocks it.
+        fn lock_forever(&self, holder: Holder) {
+            std::mem::forget(self.word.lock(holder, |_| {}));
+        }
+
+        /// The occupant of `DEAD_SLOT` dies: its slot is free, and time passes for the
+        /// waiters it will never wake.
+        fn die(&self) {
+            self.occupant.store(0, Ordering::SeqCst);
+            let_sleeps_time_out();
+        }
+
+        fn protected(&self) -> u32 {
+            // SAFETY: as in `critical_section`; every modelled thread has been joined.
+            self.protected.with(|value| unsafe { *value })
+        }
+    }
+
+    #[test]
+    fn live_holders_exclude_each_other() {
+        model(|| {
+            let shared = Shared::new(0);
+            let threads: Vec<_> = (1..3u16)
+                .map(|slot| {
+                    let shared = shared.clone();
+                    loom::thread::spawn(move || shared.critical_section(Holder::new(slot, 1)))
+                })
+                .collect();
+            shared.critical_section(Holder::new(0, 1));
+            for thread in threads {
+                thread.join().unwrap();
+            }
+            assert_eq!(shared.protected(), 3);
+            assert_eq!(shared.word.holder(), None);
+            assert!(shared.broken.lock().unwrap().is_empty());
+        });
+    }
+
+    /// The holder of slot 7 dies holding the lock; two waiters find it stuck, and exactly
+    /// one of them breaks it.
+    #[test]
+    fn dead_holder_is_broken_exactly_once() {
+        model(|| {
+            let dead = Holder::new(DEAD_SLOT, 3);
+            let shared = Shared::new(3);
+            shared.lock_forever(dead);
+            shared.die();
+            let waiter = {
+                let shared = shared.clone();
+                loom::thread::spawn(move || shared.critical_section(Holder::new(1, 1)))
+            };
+            shared.critical_section(Holder::new(2, 1));
+            waiter.join().unwrap();
+            assert_eq!(shared.protected(), 2);
+            assert_eq!(*shared.broken.lock().unwrap(), vec![dead]);
+            assert_eq!(shared.word.holder(), None);
+        });
+    }
+
+    /// ABA: a waiter judges the dead holder of slot 7 (generation 3) over; meanwhile slot 7
+    /// has a new occupant (generation 4), who breaks the lock and takes it. The waiter's
+    /// `force_release` with its stale judgement must then fail.
+    #[test]
+    fn stale_judgement_spares_the_slots_next_holder() {
+        model(|| {
+            let dead = Holder::new(DEAD_SLOT, 3);
+            let successor = Holder::new(DEAD_SLOT, 4);
+            let shared = Shared::new(3);
+            shared.lock_forever(dead);
+            shared.die();
+            let waiter = {
+                let shared = shared.clone();
+                loom::thread::spawn(move || shared.critical_section(Holder::new(1, 1)))
+            };
+            shared.occupant.store(4, Ordering::SeqCst);
+            shared.critical_section(successor);
+            waiter.join().unwrap();
+            assert_eq!(shared.protected(), 2);
+            assert_eq!(*shared.broken.lock().unwrap(), vec![dead]);
+            assert_eq!(shared.word.holder(), None);
+        });
+    }
+}

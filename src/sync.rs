@@ -22,3 +22,13 @@ pub(crate) fn yield_now() {
     #[cfg(not(loom))]
     std::thread::yield_now();
 }
+
+/// Runs the loom model `f`, `preemptions` deep at least: `LOOM_MAX_PREEMPTIONS` (which
+/// `make loom` sets to 2) may ask for more, and unset leaves the search unbounded. For the
+/// models small enough to go deeper than the rest.
+#[cfg(all(test, loom))]
+pub(crate) fn model(preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = builder.preemption_bound.map(|bound| bound.max(preemptions));
+    builder.check(f);
+}
