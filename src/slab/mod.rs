@@ -16,6 +16,7 @@
 mod bins;
 pub mod block;
 mod freelist;
+mod refcount;
 mod refs;
 mod walk;
 

@@ -21,10 +21,10 @@
 use std::collections::HashMap;
 
 use super::block::{
-    owner_kind, owner_word, unpack, OWNER_ALLOC, OWNER_ORPHAN, OWNER_QUEUED, OWNER_RECEIVER,
-    OWNER_SENDER, STATE_USED,
+    owner_kind, unpack, OWNER_ALLOC, OWNER_ORPHAN, OWNER_QUEUED, OWNER_RECEIVER, OWNER_SENDER,
+    STATE_USED,
 };
-use super::{Slab, SlabRef};
+use super::{refcount, Slab, SlabRef};
 use crate::error::{Error, Result};
 use crate::sync::Ordering;
 
@@ -96,9 +96,7 @@ impl Slab {
                 .collect::<Result<Vec<_>>>()?;
             crate::failpoint!("commit_message.counting");
             for header in headers {
-                // Relaxed: every change to `refs` of an alloc block is made under the heap
-                // lock, whose Acquire/Release orders them.
-                header.refs.fetch_add(1, Ordering::Relaxed);
+                refcount::count_message(header);
             }
             self.header(message)?.owner.store(owner, Ordering::Relaxed);
         }
@@ -185,14 +183,9 @@ impl Slab {
             };
             let header = self.used_header(block, is_alloc, "an alloc buffer")?;
             check_owner(block, header, expected)?;
-            if header.refs.load(Ordering::Relaxed) & CREATOR == 0 {
+            if !refcount::orphan(header) {
                 return Ok(true);
             }
-            // Only messages hold it now (for reports; the CREATOR bit is what counts).
-            header.owner.store(
-                owner_word(OWNER_ORPHAN, Default::default()),
-                Ordering::Relaxed,
-            );
             crate::failpoint!("drop_creator.dropping");
             self.drop_reference_locked(block, CREATOR);
         }
@@ -200,20 +193,13 @@ impl Slab {
         Ok(true)
     }
 
-    /// Subtracts `amount` from an `alloc` block's `refs` (saturating: recounting repairs
-    /// what a corrupt count would need) and frees it at zero. Heap lock held.
+    /// Drops `amount` of an `alloc` block's `refs` (`refcount::drop_reference`) and frees
+    /// it when nobody holds it any more. Heap lock held.
     fn drop_reference_locked(&self, block: SlabRef, amount: u32) {
         let Ok(header) = self.used_header(block, is_alloc, "an alloc buffer") else {
             return;
         };
-        let refs = header.refs.load(Ordering::Relaxed);
-        let left = if amount == CREATOR {
-            refs & !CREATOR
-        } else {
-            (refs & !CREATOR).saturating_sub(amount) | (refs & CREATOR)
-        };
-        header.refs.store(left, Ordering::Relaxed);
-        if left == 0 {
+        if refcount::drop_reference(header, amount) {
             let _ = self.free_locked(block);
         }
     }
