@@ -36,7 +36,7 @@ pub type BuffersOf = fn(&[u8]) -> Vec<SlabRef>;
 /// holds views of it.
 pub const CREATOR: u32 = 1 << 31;
 
-fn is_message(owner: u64) -> bool {
+pub(super) fn is_message(owner: u64) -> bool {
     matches!(
         owner_kind(owner),
         OWNER_SENDER | OWNER_QUEUED | OWNER_RECEIVER
@@ -44,15 +44,19 @@ fn is_message(owner: u64) -> bool {
 }
 
 /// A message whose frame's references are counted.
-fn is_complete_message(owner: u64) -> bool {
+pub(super) fn is_complete_message(owner: u64) -> bool {
     matches!(owner_kind(owner), OWNER_QUEUED | OWNER_RECEIVER)
 }
 
-fn is_alloc(owner: u64) -> bool {
+pub(super) fn is_alloc(owner: u64) -> bool {
     matches!(owner_kind(owner), OWNER_ALLOC | OWNER_ORPHAN)
 }
 
-fn check_owner(block: SlabRef, header: &super::BlockHeader, expected: Option<u64>) -> Result<()> {
+pub(super) fn check_owner(
+    block: SlabRef,
+    header: &super::BlockHeader,
+    expected: Option<u64>,
+) -> Result<()> {
     let owner = header.owner.load(Ordering::Relaxed);
     match expected {
         Some(expected) if expected != owner => Err(Error::Incompatible(format!(
