@@ -54,6 +54,11 @@ def in_fork(function, *args, timeout: float = 60):
             # its signal, without pytest's faulthandler dump.
             gc.freeze()
             faulthandler.disable()
+            if "torch" in sys.modules:
+                # As in tests/children.py: a fork child of a process that already ran
+                # OpenMP-parallel torch ops hangs in its first parallel op unless it stays
+                # on one thread (GNU libgomp is not fork-safe). Not a tensorslab matter.
+                sys.modules["torch"].set_num_threads(1)
             try:
                 outcome = ("returned", function(*args))
             except BaseException:
