@@ -57,7 +57,8 @@ pub struct RingState {
 pub struct Cell {
     /// `SlabRef` of the message's block.
     pub block: AtomicU64,
-    /// Process slot of the sender (`generation:16 | slot:16`), for acknowledgements.
+    /// Process slot index of the sender, informational only (acknowledgements use the
+    /// block header's `origin`, which carries the generation).
     pub origin: AtomicU32,
     pub _reserved: AtomicU32,
 }

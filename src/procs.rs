@@ -447,9 +447,11 @@ impl ControlBlock {
             let pid = pid_of(state);
             let generation = generation_of(state);
             let phase = phase_of(state);
-            // Never reap itself; but resume its own reap that did not finish.
+            // Resume its own reap that did not finish. Its own live slots are judged like
+            // any (`liveness` never calls this process dead; an earlier process that had
+            // its pid, with another start time, is).
             let own_reap = phase == PHASE_REAPING && pid == me;
-            if pid == 0 || (pid == me && !own_reap) || phase > PHASE_REAPING {
+            if pid == 0 || phase > PHASE_REAPING || (phase == PHASE_CLAIMING && pid == me) {
                 continue;
             }
             // Whose death this is about: the occupant (LIVE), the claimant (CLAIMING) or the

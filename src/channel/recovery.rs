@@ -74,6 +74,10 @@ impl Channel {
             return false;
         };
         crate::failpoint!("reclaim.after_ring_snapshot");
+        // Every segment, or the walk would miss the dead process's blocks in one.
+        if self.slab.attach_all().is_err() {
+            return false;
+        }
         let Ok(used) = self.slab.used_blocks() else {
             return false;
         };

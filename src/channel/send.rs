@@ -138,7 +138,8 @@ impl Channel {
         let slot = &self.control().processes[usize::from(me.index)];
         slot.outstanding.fetch_add(1, Ordering::Relaxed);
         let origin = origin_word(me);
-        let pushed = self.try_push(entry)? || (block && self.spin_until_pushed(entry)?);
+        let pushed = (|| Ok(self.try_push(entry)? || (block && self.spin_until_pushed(entry)?)))()
+            .inspect_err(|_: &Error| self.uncount_outstanding(origin))?;
         let pushed = if pushed {
             true
         } else if block {

@@ -48,10 +48,16 @@ impl ProcessId {
     }
 
     /// Whether the process exists and is the same process (not a reused pid). Zombies count
-    /// as dead: they hold no memory any more. This process is always alive to itself.
+    /// as dead: they hold no memory any more. This process is alive to itself (a record of
+    /// an earlier process that had its pid, with another start time, is not).
     pub fn liveness(&self) -> Liveness {
         if self.pid == current_pid() {
-            return Liveness::Alive;
+            // This process, unless the record is of an earlier process that had this pid
+            // (then that one is gone). Could not look: this process, never reaped.
+            return match read_stat(self.pid) {
+                Ok((_, start_time)) if start_time != self.start_time => Liveness::Dead,
+                _ => Liveness::Alive,
+            };
         }
         if let Some(answer) = cached_pidfd_liveness(self) {
             return answer;

@@ -253,7 +253,7 @@ impl Slab {
     /// reference counts are derived data and are rebuilt from the blocks.
     pub fn lock<'a>(&'a self, word: &'a LockWord) -> Result<LockGuard<'a>> {
         let me = self.slot_id();
-        let mut broke = false;
+        let heap_lock = std::ptr::eq(word, &self.control().heap_lock);
         let mut expired = None;
         let guard = word.lock_until(
             Holder::new(me.index, me.generation),
@@ -268,15 +268,21 @@ impl Slab {
                     GENERATION_MASK,
                     |process| process.liveness(),
                 );
-                if over && word.force_release(holder) {
-                    broke = true;
+                if over {
+                    if heap_lock {
+                        // Before the lock is free again: whoever takes it next (this
+                        // process or another, by any path) repairs what the dead holder left.
+                        // Release: pairs with the Acquire swap in `after_acquiring`.
+                        self.heap().needs_rebuild.store(1, Ordering::Release);
+                    }
+                    word.force_release(holder);
                 }
             },
         );
         let Some(guard) = guard else {
             return Err(self.lock_timeout(word, expired));
         };
-        self.after_acquiring(word, broke);
+        self.after_acquiring(word);
         Ok(guard)
     }
 
@@ -307,19 +313,25 @@ impl Slab {
         let me = self.slot_id();
         let word = &self.control().heap_lock;
         let guard = word.try_lock(Holder::new(me.index, me.generation))?;
-        self.after_acquiring(word, false);
+        self.after_acquiring(word);
         Some(guard)
     }
 
-    /// Repairs, just after taking `word`, what a dead holder may have left (`broke`) or a
-    /// lost segment asks for.
-    fn after_acquiring(&self, word: &LockWord, broke: bool) {
+    /// Repairs, just after taking `word`, what a dead holder of the heap lock may have left
+    /// half-done, or what a lost segment asks for (`HeapState::needs_rebuild`). The repair
+    /// walks every segment, so it waits until this process can map them all: a walk that
+    /// skipped one would drop its free blocks and undercount its messages' references.
+    fn after_acquiring(&self, word: &LockWord) {
         let heap_lock = std::ptr::eq(word, &self.control().heap_lock);
-        // Acquire: pairs with the Release store in `mark_lost`.
-        let lost_segment = heap_lock && self.heap().needs_rebuild.swap(0, Ordering::Acquire) != 0;
-        if (broke && heap_lock) || lost_segment {
-            self.rebuild_free_lists();
-            self.recount_buffer_refs();
+        // Acquire: pairs with the Release stores in `lock` (breaking) and `mark_lost`.
+        if heap_lock && self.heap().needs_rebuild.swap(0, Ordering::Acquire) != 0 {
+            if self.attach_all().is_ok() {
+                self.rebuild_free_lists();
+                self.recount_buffer_refs();
+            } else {
+                // The next holder tries again.
+                self.heap().needs_rebuild.store(1, Ordering::Release);
+            }
         }
         crate::failpoint!("lock.acquired");
     }
@@ -683,7 +695,11 @@ impl Slab {
             return false;
         };
         let heap = self.heap();
-        if heap.mapped_bytes.load(Ordering::Relaxed) + (size as u64) <= max
+        if heap
+            .mapped_bytes
+            .load(Ordering::Relaxed)
+            .saturating_add(size as u64)
+            <= max
             && (heap.segment_count.load(Ordering::Relaxed) as usize) < MAX_SEGMENTS
         {
             return true;
