@@ -1,6 +1,7 @@
 use super::*;
 use crate::layout::control_len;
 use crate::shm::ProcessId;
+use grow::{segment_len, PAGE};
 use proptest::prelude::*;
 
 /// Owner word of a message being filled (by slot 0, generation 0).
