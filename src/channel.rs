@@ -9,6 +9,7 @@
 //! Sending is in `send.rs`, receiving in `receive.rs`, crash recovery in `recovery.rs`,
 //! error texts and statistics in `report.rs`.
 
+mod fanout;
 mod receive;
 mod recovery;
 mod registry;
@@ -17,6 +18,7 @@ mod send;
 mod ticket;
 mod watcher;
 
+pub use fanout::{Kind, SubscriberId};
 pub use registry::{after_fork_in_child, after_fork_in_parent, before_fork};
 pub use ticket::Ticket;
 
@@ -55,6 +57,7 @@ pub struct ChannelOptions {
     pub slab_bytes: Option<u64>,
     pub max_slab_bytes: Option<u64>,
     pub strict: bool,
+    pub kind: Kind,
 }
 
 impl Default for ChannelOptions {
@@ -64,6 +67,7 @@ impl Default for ChannelOptions {
             slab_bytes: None,
             max_slab_bytes: None,
             strict: false,
+            kind: Kind::Channel,
         }
     }
 }
@@ -92,6 +96,8 @@ pub struct Channel {
     held_elsewhere: Vec<AtomicBool>,
     /// Releases that found the heap lock taken (see `receive::Deferred`).
     deferred: std::sync::Mutex<Vec<receive::Deferred>>,
+    /// This process's holds on broadcast and mailbox messages and subscribers.
+    holds: std::sync::Mutex<fanout::LocalHolds>,
 }
 
 /// A message taken from the ring.
@@ -188,10 +194,10 @@ impl Channel {
         block
             .capacity
             .store(options.capacity as u32, Ordering::Relaxed);
-        block.flags.store(
-            if options.strict { FLAG_STRICT } else { 0 },
-            Ordering::Relaxed,
-        );
+        let strict = if options.strict { FLAG_STRICT } else { 0 };
+        block
+            .flags
+            .store(strict | options.kind.flags(), Ordering::Relaxed);
         block.max_slab_bytes.store(max, Ordering::Relaxed);
         block
             .control_len
@@ -282,6 +288,7 @@ impl Channel {
                 .map(|_| AtomicBool::new(false))
                 .collect(),
             deferred: std::sync::Mutex::new(Vec::new()),
+            holds: std::sync::Mutex::new(fanout::LocalHolds::default()),
         });
         registry::insert(&channel);
         watcher::start(&channel);
@@ -407,6 +414,12 @@ impl Channel {
     /// redeemed (or withdrawn) already.
     pub fn cancel_ticket(&self, ticket: &Ticket) -> bool {
         self.control().withdraw_pending(ticket.pending)
+    }
+
+    /// Redeems a ticket without opening the handle it carries (what it names is gone).
+    pub fn discard_ticket(&self, ticket: &Ticket) {
+        self.control()
+            .redeem_pending(ticket.pending, self.slab.slot_id(), || {});
     }
 
     /// Opens the handle a ticket carries in this process and redeems its pending entry.

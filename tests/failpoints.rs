@@ -283,6 +283,7 @@ fn new_channel() -> Arc<Channel> {
         slab_bytes: Some(1 << 20),
         max_slab_bytes: Some(64 << 20),
         strict: false,
+        ..Default::default()
     })
     .unwrap()
 }
