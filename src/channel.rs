@@ -177,7 +177,12 @@ impl Channel {
             )));
         }
         let id = random_u64();
-        let control_len = layout::control_len(options.capacity);
+        // A mailbox pushes its new version before retiring the previous one.
+        let capacity = match options.kind {
+            Kind::Latest => 2,
+            _ => options.capacity,
+        };
+        let control_len = layout::control_len(capacity);
         let control = Segment::create(
             &backing,
             &format!("tensorslab-{id:016x}-control"),
@@ -191,9 +196,7 @@ impl Channel {
             Ordering::Relaxed,
         );
         block.channel_id.store(id, Ordering::Relaxed);
-        block
-            .capacity
-            .store(options.capacity as u32, Ordering::Relaxed);
+        block.capacity.store(capacity as u32, Ordering::Relaxed);
         let strict = if options.strict { FLAG_STRICT } else { 0 };
         block
             .flags
@@ -207,7 +210,7 @@ impl Channel {
         // Release: identity fields are complete before the magic marks the block valid
         // (pairs with the Acquire load in `validate`).
         block.magic.store(MAGIC, Ordering::Release);
-        let channel = Channel::join(control, backing, id, control_len, options.capacity, None)?;
+        let channel = Channel::join(control, backing, id, control_len, capacity, None)?;
         if options.slab_bytes.is_some() {
             // Map the first segment now, so the first put does not pay for it.
             if let Some(allocation) = channel
