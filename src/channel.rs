@@ -97,7 +97,7 @@ pub struct Channel {
     /// Releases that found the heap lock taken (see `receive::Deferred`).
     deferred: std::sync::Mutex<Vec<receive::Deferred>>,
     /// This process's holds on broadcast and mailbox messages and subscribers.
-    holds: std::sync::Mutex<fanout::LocalHolds>,
+    holds: fanout::HoldsLock,
 }
 
 /// A message taken from the ring.
@@ -291,7 +291,7 @@ impl Channel {
                 .map(|_| AtomicBool::new(false))
                 .collect(),
             deferred: std::sync::Mutex::new(Vec::new()),
-            holds: std::sync::Mutex::new(fanout::LocalHolds::default()),
+            holds: fanout::HoldsLock::default(),
         });
         registry::insert(&channel);
         watcher::start(&channel);

@@ -91,6 +91,76 @@ pub(super) struct LocalHolds {
     subscribers: HashMap<u16, u32>,
 }
 
+/// The lock of this process's `LocalHolds`. Not a `Mutex`: a fork child must be able to
+/// take it even if a thread of the parent (which does not exist in the child) held it at
+/// the fork. It is only ever held for a few map operations, never across a wait.
+pub(in crate::channel) struct HoldsLock {
+    locked: std::sync::atomic::AtomicBool,
+    holds: std::cell::UnsafeCell<LocalHolds>,
+}
+
+// SAFETY: `holds` is only reached through a `HoldsGuard`, and at most one guard exists at a
+// time (`locked` is taken by compare-exchange), except in `reset_in_child`, which runs
+// while the process has a single thread.
+unsafe impl Sync for HoldsLock {}
+
+impl Default for HoldsLock {
+    fn default() -> HoldsLock {
+        HoldsLock {
+            locked: std::sync::atomic::AtomicBool::new(false),
+            holds: std::cell::UnsafeCell::new(LocalHolds::default()),
+        }
+    }
+}
+
+impl HoldsLock {
+    fn lock(&self) -> HoldsGuard<'_> {
+        // Acquire: pairs with the Release in `HoldsGuard::drop`.
+        while self
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::thread::yield_now();
+        }
+        HoldsGuard { lock: self }
+    }
+
+    /// Empties the holds and frees the lock. Only in a fork child, before it starts any
+    /// thread: whoever held the lock does not exist there.
+    fn reset_in_child(&self) {
+        // SAFETY: the child has one thread, running this: no guard is alive in it.
+        unsafe { *self.holds.get() = LocalHolds::default() };
+        self.locked.store(false, Ordering::Release);
+    }
+}
+
+pub(in crate::channel) struct HoldsGuard<'a> {
+    lock: &'a HoldsLock,
+}
+
+impl std::ops::Deref for HoldsGuard<'_> {
+    type Target = LocalHolds;
+    fn deref(&self) -> &LocalHolds {
+        // SAFETY: this guard owns the lock (see `HoldsLock::lock`).
+        unsafe { &*self.lock.holds.get() }
+    }
+}
+
+impl std::ops::DerefMut for HoldsGuard<'_> {
+    fn deref_mut(&mut self) -> &mut LocalHolds {
+        // SAFETY: this guard owns the lock, and `&mut self` makes this the only reference.
+        unsafe { &mut *self.lock.holds.get() }
+    }
+}
+
+impl Drop for HoldsGuard<'_> {
+    fn drop(&mut self) {
+        // Release: pairs with the Acquire in `HoldsLock::lock`.
+        self.lock.locked.store(false, Ordering::Release);
+    }
+}
+
 fn bit_of(slot: u16) -> (usize, u64) {
     (usize::from(slot) / 64, 1u64 << (slot % 64))
 }
@@ -126,17 +196,13 @@ impl Channel {
         Kind::from_flags(self.control().flags.load(Ordering::Relaxed))
     }
 
-    pub(in crate::channel) fn holds(&self) -> std::sync::MutexGuard<'_, LocalHolds> {
-        self.holds
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+    pub(in crate::channel) fn holds(&self) -> HoldsGuard<'_> {
+        self.holds.lock()
     }
 
     /// Forgets the parent's holds in a fork child (it holds nothing under its own slot).
     pub(super) fn forget_holds(&self) {
-        if let Ok(mut holds) = self.holds.try_lock() {
-            *holds = LocalHolds::default();
-        }
+        self.holds.reset_in_child();
     }
 
     /// The ring lock, sweeping first if a dead holder left it broken.
