@@ -212,6 +212,14 @@ impl Handle {
         )?;
         dict.set_item("bytes_received", received.bytes.load(Ordering::Relaxed))?;
         dict.set_item("get_blocked_seconds", seconds(&received.blocked_nanos))?;
+        match (self.channel.kind(), self.subscriber) {
+            (Kind::Latest, _) => dict.set_item("version", self.channel.latest_version())?,
+            (_, Some(id)) => {
+                dict.set_item("missed", self.channel.missed(id))?;
+                dict.set_item("backlog", self.channel.backlog(id))?;
+            }
+            _ => {}
+        }
         Ok(dict)
     }
 
