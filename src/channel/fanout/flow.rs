@@ -49,7 +49,10 @@ impl Channel {
         }
         let Some(seq) = published else {
             return Err(Error::Full(format!(
-                "broadcast channel full: its {} retained messages are not all read by the slowest subscriber",
+                "broadcast channel full: the slowest subscriber{} has not read the {} messages retained for it (depth); a subscriber nobody reads from holds the publisher back: close it",
+                self.slowest_subscriber()
+                    .map(|pids| format!(" (held by pid {pids:?})"))
+                    .unwrap_or_default(),
                 self.ring().capacity()
             )));
         };

@@ -159,6 +159,24 @@ impl Channel {
         Ok(())
     }
 
+    /// The pids holding the live subscriber furthest behind (for error messages; a
+    /// snapshot taken without the lock).
+    pub(crate) fn slowest_subscriber(&self) -> Option<Vec<u32>> {
+        let (_, entry) = self
+            .entries()
+            .filter(|(_, entry)| entry.state.load(Ordering::Relaxed) & 1 != 0)
+            .min_by_key(|(_, entry)| entry.cursor.load(Ordering::Relaxed))?;
+        let control = self.control();
+        let pids = (0..crate::layout::MAX_PROCESSES as u16)
+            .filter(|&slot| {
+                let (word, bit) = bit_of(slot);
+                entry.holders[word].load(Ordering::Relaxed) & bit != 0
+            })
+            .filter_map(|slot| control.processes[usize::from(slot)].pid())
+            .collect();
+        Some(pids)
+    }
+
     /// Messages subscriber `id` skipped (the publisher dropped them before it read them).
     pub fn missed(&self, id: SubscriberId) -> u64 {
         self.entry(id.index).missed.load(Ordering::Relaxed)
