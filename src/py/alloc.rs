@@ -343,15 +343,26 @@ impl<'py> Walk<'py> {
         let found = if self.example {
             self.example_leaf(value)
         } else {
-            let Ok(pair) = value.cast_exact::<PyTuple>() else {
+            let Some((shape, dtype)) = self.spec_pair(value)? else {
                 return Ok(None);
             };
-            if pair.len() != 2 || !self.is_dtype(&pair.get_item(1)?)? {
-                return Ok(None);
-            }
-            leaf(py, &pair.get_item(0)?, &pair.get_item(1)?).map(Some)
+            leaf(py, &shape, &dtype).map(Some)
         };
         found.map_err(|error| at(py, &self.path, error))
+    }
+
+    /// `value` as the `(shape, dtype)` of a spec leaf, if it is one.
+    fn spec_pair(
+        &self,
+        value: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)>> {
+        let Ok(pair) = value.cast_exact::<PyTuple>() else {
+            return Ok(None);
+        };
+        if pair.len() != 2 || !self.is_dtype(&pair.get_item(1)?)? {
+            return Ok(None);
+        }
+        Ok(Some((pair.get_item(0)?, pair.get_item(1)?)))
     }
 
     /// What a spec leaf's second item may be (see the module docs).
@@ -369,6 +380,13 @@ impl<'py> Walk<'py> {
 
     fn example_leaf(&self, value: &Bound<'py, PyAny>) -> PyResult<Option<Leaf>> {
         let py = self.py;
+        if self.spec_pair(value)?.is_some() {
+            return Err(PyTypeError::new_err(format!(
+                "{} is a (shape, dtype) pair: alloc_like takes arrays and tensors; pass a \
+                 spec to alloc",
+                short_repr(value)
+            )));
+        }
         if let Ok(array) = value.cast::<PyUntypedArray>() {
             let descr = array.dtype();
             return numpy_leaf(array.shape().to_vec(), descr).map(Some);
