@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import harness
 from payloads import (
     DESCRIPTIONS,
     HUGE_CASE,
@@ -40,7 +39,9 @@ from payloads import (
     format_bytes,
     size_of,
 )
-from transports import TENSORSLAB, TRANSPORTS, WAKE_FLOOR, Transport, resolve
+from transports import BROADCAST, TENSORSLAB, TRANSPORTS, WAKE_FLOOR, Transport, resolve
+
+import harness
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LATENCY_TRANSPORTS = ("tensorslab", "mp.Queue", "mp.Pipe")
@@ -387,11 +388,15 @@ def main(argv: list[str] | None = None) -> int:
 
     results = run_throughput(transports, cases, opts, missing)
     latency = {}
-    for transport in [TRANSPORTS[n] for n in LATENCY_TRANSPORTS if n in runnable] + [WAKE_FLOOR]:
+    fan_out = [BROADCAST] if "tensorslab" in runnable else []
+    for transport in [TRANSPORTS[n] for n in LATENCY_TRANSPORTS if n in runnable] + [
+        *fan_out,
+        WAKE_FLOOR,
+    ]:
         print(f"\nlatency {transport.name}: {latency_count} paced messages ...", flush=True)
         latency[transport.name] = harness.run_latency(transport, latency_count)
     blocked = {}
-    if blocked_on := [TRANSPORTS[n] for n in BLOCKED_TRANSPORTS if n in runnable]:
+    if blocked_on := [TRANSPORTS[n] for n in BLOCKED_TRANSPORTS if n in runnable] + fan_out:
         print(f"\nCPU while blocked in get(timeout={blocked_s:g}) ...", flush=True)
         blocked = harness.run_blocked(blocked_on, blocked_s)
 

@@ -307,6 +307,19 @@ class PipeWakeFloor(MpPipe):
         return ({"t": int.from_bytes(raw, "little")} if raw else None), None
 
 
+class TensorslabBroadcast(Tensorslab):
+    """Latency and CPU-while-blocked only: one subscriber of a broadcast channel, which waits
+    on the same futex scheme as a channel's receiver (spin, then sleep)."""
+
+    name = "tensorslab-broadcast"
+    description = "tensorslab.broadcast, one subscriber: put(msg); get() returns read-only views"
+
+    def open(self, ctx: Any, capacity: int, nbytes: int = 0) -> tuple[Any, Any]:
+        import tensorslab
+
+        return tensorslab.broadcast(depth=capacity)
+
+
 class Memcpy(Transport):
     name = "memcpy"
     description = "warm single-process np.copyto of the same arrays into preallocated destinations"
@@ -329,6 +342,7 @@ TRANSPORTS: dict[str, Transport] = {
 
 # Not compared for throughput; run beside the latency measurements.
 WAKE_FLOOR = PipeWakeFloor()
+BROADCAST = TensorslabBroadcast()
 
 # Short names accepted by --transports.
 ALIASES = {

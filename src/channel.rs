@@ -9,6 +9,7 @@
 //! Sending is in `send.rs`, receiving in `receive.rs`, crash recovery in `recovery.rs`,
 //! error texts and statistics in `report.rs`.
 
+mod fanout;
 mod receive;
 mod recovery;
 mod registry;
@@ -17,6 +18,7 @@ mod send;
 mod ticket;
 mod watcher;
 
+pub use fanout::{Kind, SubscriberId};
 pub use registry::{after_fork_in_child, after_fork_in_parent, before_fork};
 pub use ticket::Ticket;
 
@@ -55,6 +57,7 @@ pub struct ChannelOptions {
     pub slab_bytes: Option<u64>,
     pub max_slab_bytes: Option<u64>,
     pub strict: bool,
+    pub kind: Kind,
 }
 
 impl Default for ChannelOptions {
@@ -64,6 +67,7 @@ impl Default for ChannelOptions {
             slab_bytes: None,
             max_slab_bytes: None,
             strict: false,
+            kind: Kind::Channel,
         }
     }
 }
@@ -92,6 +96,8 @@ pub struct Channel {
     held_elsewhere: Vec<AtomicBool>,
     /// Releases that found the heap lock taken (see `receive::Deferred`).
     deferred: std::sync::Mutex<Vec<receive::Deferred>>,
+    /// This process's holds on broadcast and mailbox messages and subscribers.
+    holds: fanout::HoldsLock,
 }
 
 /// A message taken from the ring.
@@ -171,7 +177,12 @@ impl Channel {
             )));
         }
         let id = random_u64();
-        let control_len = layout::control_len(options.capacity);
+        // A mailbox pushes its new version before retiring the previous one.
+        let capacity = match options.kind {
+            Kind::Latest => 2,
+            _ => options.capacity,
+        };
+        let control_len = layout::control_len(capacity);
         let control = Segment::create(
             &backing,
             &format!("tensorslab-{id:016x}-control"),
@@ -185,13 +196,11 @@ impl Channel {
             Ordering::Relaxed,
         );
         block.channel_id.store(id, Ordering::Relaxed);
+        block.capacity.store(capacity as u32, Ordering::Relaxed);
+        let strict = if options.strict { FLAG_STRICT } else { 0 };
         block
-            .capacity
-            .store(options.capacity as u32, Ordering::Relaxed);
-        block.flags.store(
-            if options.strict { FLAG_STRICT } else { 0 },
-            Ordering::Relaxed,
-        );
+            .flags
+            .store(strict | options.kind.flags(), Ordering::Relaxed);
         block.max_slab_bytes.store(max, Ordering::Relaxed);
         block
             .control_len
@@ -201,7 +210,7 @@ impl Channel {
         // Release: identity fields are complete before the magic marks the block valid
         // (pairs with the Acquire load in `validate`).
         block.magic.store(MAGIC, Ordering::Release);
-        let channel = Channel::join(control, backing, id, control_len, options.capacity, None)?;
+        let channel = Channel::join(control, backing, id, control_len, capacity, None)?;
         if options.slab_bytes.is_some() {
             // Map the first segment now, so the first put does not pay for it.
             if let Some(allocation) = channel
@@ -282,6 +291,7 @@ impl Channel {
                 .map(|_| AtomicBool::new(false))
                 .collect(),
             deferred: std::sync::Mutex::new(Vec::new()),
+            holds: fanout::HoldsLock::default(),
         });
         registry::insert(&channel);
         watcher::start(&channel);
@@ -407,6 +417,12 @@ impl Channel {
     /// redeemed (or withdrawn) already.
     pub fn cancel_ticket(&self, ticket: &Ticket) -> bool {
         self.control().withdraw_pending(ticket.pending)
+    }
+
+    /// Redeems a ticket without opening the handle it carries (what it names is gone).
+    pub fn discard_ticket(&self, ticket: &Ticket) {
+        self.control()
+            .redeem_pending(ticket.pending, self.slab.slot_id(), || {});
     }
 
     /// Opens the handle a ticket carries in this process and redeems its pending entry.

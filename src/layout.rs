@@ -19,7 +19,8 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"TSLBCTL\0");
 ///
 /// Version 2: slot generations in owner words, lock words and pending entries; handle
 /// totals derived from the slots; `alloc` references counted under the heap lock.
-pub const ABI_VERSION: u32 = 2;
+/// Version 3: broadcast and latest-value channels (`FanOut`, `SharedPrefix`).
+pub const ABI_VERSION: u32 = 3;
 
 /// Process slots: how many processes may use one channel at the same time.
 pub const MAX_PROCESSES: usize = 256;
@@ -27,6 +28,8 @@ pub const MAX_PROCESSES: usize = 256;
 pub const MAX_SEGMENTS: usize = 48;
 /// Handles pickled (or inherited through fork) and not yet attached by their new process.
 pub const MAX_PENDING: usize = 128;
+/// Subscribers a broadcast channel may have at the same time.
+pub const MAX_SUBSCRIBERS: usize = 128;
 /// Free-list bins of the slab allocator (see `slab::bins`).
 pub const BIN_COUNT: usize = 160;
 pub const BIN_WORDS: usize = BIN_COUNT.div_ceil(64);
@@ -156,10 +159,70 @@ pub struct ControlBlock {
     pub heap: HeapState,
     pub handles: HandleState,
     pub processes: [ProcessSlot; MAX_PROCESSES],
+    pub fan_out: FanOut,
 }
 
 /// Channel flag: refuse values that would need pickling.
 pub const FLAG_STRICT: u32 = 1;
+/// Channel flag: a broadcast channel (every subscriber gets every message; see
+/// `channel::fanout`).
+pub const FLAG_BROADCAST: u32 = 2;
+/// Channel flag, with `FLAG_BROADCAST`: the publisher never waits for subscribers, the
+/// oldest message gives way.
+pub const FLAG_DROP_OLDEST: u32 = 4;
+/// Channel flag: a latest-value mailbox (readers see the newest message only).
+pub const FLAG_LATEST: u32 = 8;
+
+/// The state of broadcast and latest-value channels (unused by point-to-point ones). The
+/// ring holds the *retained* messages: `head..tail` are ring positions (sequence numbers),
+/// and a message stays retained until every subscriber has read it (or, with
+/// `FLAG_DROP_OLDEST` and in a mailbox, until a newer one needs its cell). Everything here
+/// changes under the ring lock.
+#[repr(C)]
+pub struct FanOut {
+    /// Set (before the lock is freed again) when the ring lock was broken because its
+    /// holder died: the next holder sweeps for blocks the dead one left unreferenced.
+    pub needs_sweep: AtomicU32,
+    /// One past the highest subscriber entry ever used: scans stop there.
+    pub subscribers_used: AtomicU32,
+    pub subscribers: [SubscriberEntry; MAX_SUBSCRIBERS],
+    /// Per pending cell (`HandleState::pending`): the subscriber that the pickled
+    /// subscriber handle in that cell keeps alive, `token:23 << 32 | generation:16 << 16 |
+    /// index` (see `fanout::pin`); stale once the cell no longer holds that token.
+    pub pins: [AtomicU64; MAX_PENDING],
+}
+
+/// One subscriber of a broadcast channel: its position, shared by every handle of it in
+/// every process.
+#[repr(C)]
+pub struct SubscriberEntry {
+    /// `generation:31 | active:1`; 0 (or an even word) = free. A ticket names the
+    /// generation, so a reused entry is never taken for the one it was issued for.
+    pub state: AtomicU32,
+    pub _pad: AtomicU32,
+    /// Sequence number of the next message it reads.
+    pub cursor: AtomicU64,
+    /// Messages it skipped because the publisher dropped them (`FLAG_DROP_OLDEST`).
+    pub missed: AtomicU64,
+    /// One bit per process slot that has a handle of it open.
+    pub holders: [AtomicU64; 4],
+}
+
+/// The first 64 bytes of a broadcast or mailbox message's block content (its frame
+/// follows): the message's sequence number and which processes hold views of it. The
+/// block is freed when it is no longer retained (`seq < head`) and no bit is set.
+#[repr(C)]
+pub struct SharedPrefix {
+    pub seq: AtomicU64,
+    /// One bit per process slot holding a view.
+    pub holders: [AtomicU64; 4],
+    pub _reserved: [AtomicU64; 3],
+}
+
+pub const SHARED_PREFIX_LEN: usize = 64;
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<SharedPrefix>() == SHARED_PREFIX_LEN);
+const _: () = assert!(MAX_PROCESSES <= 256);
 
 /// Bytes of control segment needed for a ring of `capacity` cells.
 pub fn control_len(capacity: usize) -> usize {

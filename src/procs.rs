@@ -170,6 +170,10 @@ mod pending {
         entry != 0 && entry as u16 == owner.index && (entry >> 32) as u8 == owner.generation as u8
     }
 
+    pub fn token(entry: u64) -> u32 {
+        (entry >> 40 & TOKEN_MASK) as u32
+    }
+
     pub fn senders(entry: u64) -> u32 {
         (entry >> 24 & 0xff) as u32
     }
@@ -415,6 +419,31 @@ impl ControlBlock {
         });
         self.handles_changed();
         cleared
+    }
+
+    /// The cell holding pending entry `entry` now, if any.
+    pub fn pending_cell(&self, entry: u64) -> Option<usize> {
+        self.handles
+            .pending
+            .iter()
+            .position(|cell| cell.load(Ordering::Acquire) == entry)
+    }
+
+    /// The token of the entry in pending cell `index` (0 when empty): a ticket's entry
+    /// keeps its token from issue to redemption, whoever is answerable for it.
+    pub fn pending_token(&self, index: usize) -> u32 {
+        self.handles
+            .pending
+            .get(index)
+            .map_or(0, |cell| match cell.load(Ordering::Acquire) {
+                0 => 0,
+                entry => pending::token(entry),
+            })
+    }
+
+    /// The token of a pending entry.
+    pub fn token_of(entry: u64) -> u32 {
+        pending::token(entry)
     }
 
     /// Withdraws a pending entry that will never be redeemed. False if it is gone already.

@@ -32,6 +32,20 @@ impl Ring<'_> {
         self.cells.len() as u64
     }
 
+    /// `(head, tail)`: in a fan-out channel, the sequence numbers of the oldest retained
+    /// message and of the next one to publish. A snapshot unless the ring lock is held.
+    pub fn positions(&self) -> (u64, u64) {
+        // Acquire: pairs with the Release stores of `push` and `pop`.
+        let tail = self.state.tail.load(Ordering::Acquire);
+        let head = self.state.head.load(Ordering::Acquire);
+        (head.min(tail), tail)
+    }
+
+    /// The block of the message at ring position `index` (reduced modulo the capacity).
+    pub fn block_at(&self, index: u64) -> u64 {
+        self.entry_at(index).block
+    }
+
     /// Messages queued and not yet taken. Exact under the ring lock, a snapshot otherwise.
     pub fn len(&self) -> u64 {
         let tail = self.state.tail.load(Ordering::Acquire);

@@ -12,22 +12,25 @@
 //! Run with `cargo test --features failpoints --test failpoints` (a harness of its own:
 //! the same binary is re-executed as the child processes). It prints the matrix.
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tensorslab::channel::{Channel, ChannelOptions, Ticket};
 use tensorslab::header::FrameHeader;
 use tensorslab::procs::Side;
-use tensorslab::wait::Deadline;
 use tensorslab::Result;
+
+mod harness;
+use harness::{
+    deadline, fill_byte, finish, hex_decode, no_interrupt, numbers, reap_all, run_matrix,
+    spawn_child, uvarint, Scenario, TIMEOUT,
+};
 
 const MESSAGES: u32 = 12;
 const PAYLOAD: usize = 4096;
 /// Large enough that a dozen of them make the 1 MiB first segment grow.
 const BUFFER: usize = 160 << 10;
-const TIMEOUT: Duration = Duration::from_secs(10);
 
 const PRODUCER_POINTS: &[&str] = &[
     "put.allocated",
@@ -66,30 +69,6 @@ const REAPER_POINTS: &[&str] = &[
     "reap.reclaimed",
     "lock.acquired",
 ];
-
-fn no_interrupt() -> impl FnMut() -> Result<()> {
-    || Ok(())
-}
-
-fn deadline() -> Deadline {
-    Deadline::after(Some(TIMEOUT))
-}
-
-fn fill_byte(seq: u32, salt: u32) -> u8 {
-    ((seq * 31 + salt) % 251) as u8
-}
-
-fn uvarint(mut value: u64, out: &mut Vec<u8>) {
-    loop {
-        let byte = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
-}
 
 /// Puts message `seq`: an `alloc` buffer filled in place, referenced by a frame whose
 /// payload carries the sequence number too. The creator then lets go of the buffer.
@@ -209,70 +188,8 @@ fn child_main(role: &str) {
     channel.close_handle(ticket.side);
 }
 
-fn hex_encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn hex_decode(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
-        .collect()
-}
-
 fn spawn(channel: &Channel, role: &str, side: Side, failpoint: Option<&str>) -> Child {
-    let ticket = channel.ticket(side).unwrap();
-    let mut command = Command::new(std::env::current_exe().unwrap());
-    command
-        .env("TSL_FP_ROLE", role)
-        .env("TSL_FP_TICKET", hex_encode(&ticket.to_bytes()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    match failpoint {
-        Some(spec) => command.env("TENSORSLAB_FAILPOINT", spec),
-        None => command.env_remove("TENSORSLAB_FAILPOINT"),
-    };
-    if role == "reaper" {
-        command.env_remove("TENSORSLAB_FAILPOINT_NO_REAP");
-    }
-    command.spawn().unwrap()
-}
-
-/// Waits for the child (bounded); returns its output lines (stdout, then stderr) and
-/// whether SIGKILL ended it.
-fn finish(mut child: Child) -> (Vec<String>, bool) {
-    let stderr = child.stderr.take().unwrap();
-    let errors = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(|l| l.ok())
-            .collect::<Vec<String>>()
-    });
-    let stdout = child.stdout.take().unwrap();
-    let mut lines: Vec<String> = BufReader::new(stdout)
-        .lines()
-        .map_while(|l| l.ok())
-        .collect();
-    lines.extend(errors.join().unwrap_or_default());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > 2 * TIMEOUT {
-            let _ = child.kill();
-            break child.wait().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    (lines, status.signal() == Some(libc::SIGKILL))
-}
-
-fn numbers(lines: &[String], word: &str) -> Vec<u32> {
-    lines
-        .iter()
-        .filter_map(|line| line.strip_prefix(word)?.trim().parse().ok())
-        .collect()
+    spawn_child(channel, role, side, failpoint, &[])
 }
 
 // ---- the scenarios ----
@@ -283,6 +200,7 @@ fn new_channel() -> Arc<Channel> {
         slab_bytes: Some(1 << 20),
         max_slab_bytes: Some(64 << 20),
         strict: false,
+        ..Default::default()
     })
     .unwrap()
 }
@@ -297,30 +215,6 @@ fn filled_channel() -> std::result::Result<Arc<Channel>, String> {
         put_message(&channel, seq).map_err(|e| format!("put {seq}: {e}"))?;
     }
     Ok(channel)
-}
-
-/// Reaps until no process but this one is attached.
-fn reap_all(channel: &Channel) -> std::result::Result<(), String> {
-    let started = Instant::now();
-    let me = std::process::id();
-    loop {
-        channel.reap_now();
-        let others: Vec<u32> = channel
-            .control()
-            .pids(None)
-            .into_iter()
-            .filter(|&p| p != me)
-            .collect();
-        if others.is_empty() {
-            return Ok(());
-        }
-        if started.elapsed() > TIMEOUT {
-            return Err(format!(
-                "processes {others:?} still attached after {TIMEOUT:?}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Receives in this process until the channel is empty (or closed): the sequence numbers.
@@ -535,53 +429,20 @@ fn reaper_scenario(point: &str) -> std::result::Result<bool, String> {
     Ok(killed)
 }
 
-/// Runs one point of one role: whether the process was killed there, or what broke.
-type Scenario = fn(&str) -> std::result::Result<bool, String>;
-
 fn main() {
     if let Ok(role) = std::env::var("TSL_FP_ROLE") {
         child_main(&role);
         return;
     }
-    // This process reaps only when a scenario says so (`reap_now`), so the reaper role
-    // really is the process that reaps.
-    std::env::set_var("TENSORSLAB_FAILPOINT_NO_REAP", "1");
     let roles: [(&str, &[&str], Scenario); 4] = [
         ("producer", PRODUCER_POINTS, producer_scenario),
         ("consumer", CONSUMER_POINTS, consumer_scenario),
         ("slow consumer", STALLED_POINTS, stalled_consumer_scenario),
         ("reaper", REAPER_POINTS, reaper_scenario),
     ];
-    let mut failures = vec![];
-    println!(
+    run_matrix(
         "failpoint matrix (SIGKILL at the point, or a 30 ms stall at every hit for the slow \
-         consumer; pass = invariants hold afterwards)"
+         consumer; pass = invariants hold afterwards)",
+        &roles,
     );
-    println!("{:<30} {:<14} result", "point", "role");
-    for (role, points, scenario) in roles {
-        for point in points {
-            let started = Instant::now();
-            let outcome = match scenario(point) {
-                Ok(true) => "pass".to_string(),
-                Ok(false) => format!("FAIL: the {role} never reached {point}"),
-                Err(error) => format!("FAIL: {error}"),
-            };
-            println!(
-                "{point:<30} {role:<14} {outcome} ({:.1} s)",
-                started.elapsed().as_secs_f64()
-            );
-            if outcome != "pass" {
-                failures.push(format!("{point} as {role}: {outcome}"));
-            }
-        }
-    }
-    if !failures.is_empty() {
-        eprintln!(
-            "{} of the matrix failed:\n  {}",
-            failures.len(),
-            failures.join("\n  ")
-        );
-        std::process::exit(1);
-    }
-    println!("every point passed in every role");
 }

@@ -24,6 +24,7 @@ fn channel(capacity: usize, slab_bytes: u64, max: u64) -> Arc<Channel> {
         slab_bytes: Some(slab_bytes),
         max_slab_bytes: Some(max),
         strict: false,
+        ..Default::default()
     })
     .unwrap();
     channel.open_handle(Side::Sender);

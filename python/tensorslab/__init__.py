@@ -15,7 +15,19 @@ import os
 
 from . import _tensorslab
 from ._fork import handed_to_child
-from ._tensorslab import Receiver, Sender, channel, dumps, loads
+from ._tensorslab import (
+    Publisher,
+    Reader,
+    Receiver,
+    Sender,
+    Subscriber,
+    Writer,
+    broadcast,
+    channel,
+    dumps,
+    latest,
+    loads,
+)
 from .exceptions import (
     Closed,
     DecodeError,
@@ -55,12 +67,18 @@ __all__ = [
     "IncompatibleError",
     "LimitError",
     "PeerGone",
+    "Publisher",
     "Queue",
+    "Reader",
     "Receiver",
     "Sender",
     "ShmError",
+    "Subscriber",
     "TensorslabError",
+    "Writer",
+    "broadcast",
     "channel",
     "dumps",
+    "latest",
     "loads",
 ]

@@ -121,8 +121,89 @@ class Receiver(Handle):
     def __next__(self) -> Any: ...
 
 @final
+class Publisher(Handle):
+    """The sending end of a broadcast channel: every subscriber receives every message."""
+
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Send ``obj`` to every subscriber (one copy in shared memory).
+
+        With ``overflow="block"`` waits while the slowest live subscriber is ``depth`` behind
+        (``tensorslab.Full`` after ``timeout``); with ``"drop_oldest"`` never waits.
+        ``tensorslab.Closed`` once every subscriber has closed or exited.
+        """
+
+    def put_nowait(self, obj: Any) -> None:
+        """``put(obj, block=False)``."""
+
+    def subscribe(self) -> Subscriber:
+        """A new, independent subscriber that starts at the next message published."""
+
+@final
+class Subscriber(Handle):
+    """One subscriber of a broadcast channel; its position is shared by all its handles."""
+
+    def get(self, block: bool = True, timeout: float | None = None, copy: bool = False) -> Any:
+        """The next message for this subscriber (NumPy arrays read-only unless ``copy``)."""
+
+    def get_nowait(self) -> Any:
+        """``get(block=False)``."""
+
+    def subscribe(self) -> Subscriber:
+        """A new, independent subscriber that starts at the next message published."""
+
+    @property
+    def missed(self) -> int:
+        """Messages skipped because the publisher dropped them first (``drop_oldest``)."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+    def __next__(self) -> Any: ...
+
+@final
+class Writer(Handle):
+    """The writing end of a latest-value mailbox."""
+
+    def publish(self, obj: Any, *, timeout: float | None = None) -> int:
+        """Store ``obj`` as the newest version; returns its number (1, 2, ...)."""
+
+    @property
+    def version(self) -> int:
+        """The newest version published (0 before the first)."""
+
+@final
+class Reader(Handle):
+    """A reader of a latest-value mailbox."""
+
+    @property
+    def version(self) -> int:
+        """The newest version published (0 before the first); no system call."""
+
+    def get(
+        self, newer_than: int | None = None, timeout: float | None = None, copy: bool = False
+    ) -> tuple[int, Any]:
+        """``(version, value)`` of the newest version, once one newer than ``newer_than`` exists."""
+
+    def load_into(
+        self, target: Any, newer_than: int | None = None, timeout: float | None = None
+    ) -> int:
+        """Copy the newest state dict into a module or dict of tensors; returns its version."""
+
+@final
 class Lease:
     """The ``base`` of arrays that view slab memory; keeps it from being released."""
+
+def broadcast(
+    depth: int = 8,
+    *,
+    slab_bytes: int | None = None,
+    max_slab_bytes: int | None = None,
+    overflow: str = "block",
+) -> tuple[Publisher, Subscriber]:
+    """Create a broadcast channel: a publisher and its first subscriber."""
+
+def latest(
+    *, slab_bytes: int | None = None, max_slab_bytes: int | None = None
+) -> tuple[Writer, Reader]:
+    """Create a latest-value mailbox: a writer and a reader."""
 
 def channel(
     capacity: int = 64,

@@ -11,6 +11,11 @@ use super::*;
 pub(super) enum Deferred {
     Message(SlabRef),
     Creator(SlabRef),
+    /// A hold on a broadcast or mailbox message (see `fanout`).
+    Shared(SlabRef),
+    /// A shared block found unused whose free found the heap lock taken.
+    FreeShared(SlabRef),
+    CloseSubscriber(crate::channel::SubscriberId),
 }
 
 impl Channel {
@@ -107,6 +112,9 @@ impl Channel {
             return;
         }
         crate::failpoint!("release.before");
+        if self.kind().fans_out() {
+            return self.release_shared(block);
+        }
         match self.slab.try_free_message(block) {
             Ok(Some(origin)) => self.uncount_outstanding(origin),
             Ok(None) => self.defer(Deferred::Message(block)),
@@ -125,11 +133,27 @@ impl Channel {
         }
     }
 
-    fn defer(&self, release: Deferred) {
+    pub(super) fn defer(&self, release: Deferred) {
         // `try_lock`: a fork child may inherit the list locked by a thread that does not
         // exist there; then (or while another thread drains) the release just waits.
-        match self.deferred.try_lock() {
+        let fans_out = matches!(
+            release,
+            Deferred::Shared(_) | Deferred::FreeShared(_) | Deferred::CloseSubscriber(_)
+        );
+        let mut list = self.deferred.try_lock();
+        // A fan-out release is deferred with the ring lock held, so it cannot run here (the
+        // lock is not reentrant): wait briefly for the list (held only to push or take),
+        // and past that leave the hold to this process's exit (its reaper clears it).
+        for _ in 0..1000 {
+            if list.is_ok() || !fans_out {
+                break;
+            }
+            std::thread::yield_now();
+            list = self.deferred.try_lock();
+        }
+        match list {
             Ok(mut list) => list.push(release),
+            Err(_) if fans_out => return,
             Err(_) => return self.run(release, None),
         }
         // The watchers sleep on this word: wake ours to run the release now rather than at
@@ -146,6 +170,9 @@ impl Channel {
                 .free_message(block)
                 .map(|origin| self.uncount_outstanding(origin)),
             Deferred::Creator(block) => self.slab.drop_creator(block),
+            Deferred::Shared(_) | Deferred::FreeShared(_) | Deferred::CloseSubscriber(_) => {
+                self.run_fan_out(release)
+            }
         };
         if let (Err(Error::Full(_) | Error::Empty(_)), Some(retry)) = (outcome, retry) {
             retry.push(release);

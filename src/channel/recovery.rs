@@ -65,6 +65,9 @@ impl Channel {
     /// when it could not finish: a lock wait reached the deadline of the call it runs in
     /// (the slot then stays being reaped, and the next reap resumes it).
     pub(super) fn reclaim(&self, dead: SlotId) -> bool {
+        if self.kind().fans_out() && !self.reclaim_fan_out(dead) {
+            return false;
+        }
         let Ok(queued) = self.slab.lock(&self.control().ring_lock).map(|_guard| {
             self.ring()
                 .queued()

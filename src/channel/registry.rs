@@ -141,6 +141,7 @@ pub fn after_fork_in_child(count_inherited: bool, adopt: impl FnOnce()) {
                 if let Ok(mut list) = channel.deferred.try_lock() {
                     list.clear();
                 }
+                channel.forget_holds();
                 channel.slab.set_slot(slot);
                 channel.slab.publish_mapped_segments();
                 channel.pid.store(current_pid(), Ordering::Relaxed);

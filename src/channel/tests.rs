@@ -34,6 +34,7 @@ fn channel(capacity: usize, max: u64) -> Arc<Channel> {
         slab_bytes: Some(2 << 20),
         max_slab_bytes: Some(max),
         strict: false,
+        ..Default::default()
     })
     .unwrap();
     channel.open_handle(Side::Sender);

@@ -184,7 +184,7 @@ impl Chunk {
                         torch(py)?.from_dlpack.bind(py).call1((capsule,))
                     }
                     Dtype::Numpy(descr) => {
-                        numpy_view(py, descr.bind(py), &leaf.shape, data, base.clone())
+                        numpy_view(py, descr.bind(py), &leaf.shape, data, base.clone(), true)
                     }
                 }
             })

@@ -16,7 +16,7 @@ use super::decode::{Decoder, Mode};
 use super::encode::Encoder;
 use super::frame::Frame;
 use super::lease::MessageLease;
-use crate::channel::{Channel, ChannelOptions, Received, Ticket};
+use crate::channel::{Channel, ChannelOptions, Kind, Received, SubscriberId, Ticket};
 use crate::error::Error;
 use crate::header::{read_buffers, FrameHeader, Reader};
 use crate::procs::Side;
@@ -24,14 +24,14 @@ use crate::wait::Deadline;
 
 /// Counters of one handle, for `stats()`.
 #[derive(Default)]
-struct Counters {
+pub(super) struct Counters {
     messages: AtomicU64,
     bytes: AtomicU64,
     blocked_nanos: AtomicU64,
 }
 
 impl Counters {
-    fn record(&self, bytes: usize, blocked: std::time::Duration) {
+    pub(super) fn record(&self, bytes: usize, blocked: std::time::Duration) {
         self.messages.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         self.blocked_nanos
@@ -49,17 +49,32 @@ pub struct Handle {
     /// The process in which this handle is counted as open. A fork child that inherited it
     /// counts it once it was handed to the child or used there (see `channel::registry`).
     counted_in: AtomicU32,
-    counters: Counters,
+    pub(super) counters: Counters,
+    /// A broadcast subscriber's entry (see `channel::fanout`), held by this handle in the
+    /// process `subscriber_in` names (as `counted_in`, for the entry's holder bits).
+    pub(super) subscriber: Option<SubscriberId>,
+    subscriber_in: AtomicU32,
 }
 
 impl Handle {
     fn new(channel: Arc<Channel>, side: Side) -> Handle {
+        Handle::with_subscriber(channel, side, None)
+    }
+
+    /// A handle of `channel` on `side`; `subscriber` is already held by this process.
+    pub(super) fn with_subscriber(
+        channel: Arc<Channel>,
+        side: Side,
+        subscriber: Option<SubscriberId>,
+    ) -> Handle {
         Handle {
             counted_in: AtomicU32::new(channel.pid()),
+            subscriber_in: AtomicU32::new(channel.pid()),
             channel,
             side,
             closed: AtomicBool::new(false),
             counters: Counters::default(),
+            subscriber,
         }
     }
 
@@ -83,17 +98,35 @@ impl Handle {
         {
             self.channel.open_handle(self.side);
         }
+        let subscriber_in = self.subscriber_in.load(Ordering::Relaxed);
+        if let Some(id) = self.subscriber {
+            if subscriber_in != here
+                && !self.closed.load(Ordering::Relaxed)
+                && self.channel.owned_here()
+                && self
+                    .subscriber_in
+                    .compare_exchange(subscriber_in, here, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                // A subscriber closed everywhere else meanwhile fails its next `get`.
+                let _ = self.channel.open_subscriber(id);
+            }
+        }
     }
 
     fn name(&self) -> &'static str {
-        match self.side {
-            Side::Sender => "Sender",
-            Side::Receiver => "Receiver",
+        match (self.channel.kind(), self.side) {
+            (Kind::Channel, Side::Sender) => "Sender",
+            (Kind::Channel, Side::Receiver) => "Receiver",
+            (Kind::Broadcast { .. }, Side::Sender) => "Publisher",
+            (Kind::Broadcast { .. }, Side::Receiver) => "Subscriber",
+            (Kind::Latest, Side::Sender) => "Writer",
+            (Kind::Latest, Side::Receiver) => "Reader",
         }
     }
 
     /// The channel, or `ValueError` after `close()` (as `multiprocessing.Queue`).
-    fn open(&self) -> PyResult<&Arc<Channel>> {
+    pub(super) fn open(&self) -> PyResult<&Arc<Channel>> {
         if self.closed.load(Ordering::Relaxed) {
             return Err(PyValueError::new_err(format!(
                 "{} of channel {:016x} is closed",
@@ -107,8 +140,16 @@ impl Handle {
 
     fn close(&self) {
         let counted = self.counted_here();
-        if !self.closed.swap(true, Ordering::AcqRel) && counted {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if counted {
             self.channel.close_handle(self.side);
+        }
+        if let Some(id) = self.subscriber {
+            if self.subscriber_in.load(Ordering::Relaxed) == self.channel.pid() {
+                self.channel.close_subscriber(id);
+            }
         }
     }
 
@@ -120,10 +161,21 @@ impl Handle {
         let tracking = py.import("tensorslab._fork")?;
         tracking.call_method0("sweep_tickets")?;
         let ticket = channel.ticket(self.side)?;
-        let rebuild = py.import("tensorslab._tensorslab")?.getattr("_rebuild")?;
+        let module = py.import("tensorslab._tensorslab")?;
         let state = PyBytes::new(py, &ticket.to_bytes());
+        let Some(id) = self.subscriber else {
+            tracking.call_method1("ticket_issued", (&state,))?;
+            let rebuild = module.getattr("_rebuild")?;
+            return PyTuple::new(py, [rebuild, PyTuple::new(py, [state])?.into_any()]);
+        };
+        if let Err(error) = channel.pin_subscriber(id, ticket.pending) {
+            channel.cancel_ticket(&ticket);
+            return Err(error.into());
+        }
         tracking.call_method1("ticket_issued", (&state,))?;
-        PyTuple::new(py, [rebuild, PyTuple::new(py, [state])?.into_any()])
+        let rebuild = module.getattr("_rebuild_subscriber")?;
+        let args = (state, id.index, id.generation).into_pyobject(py)?;
+        PyTuple::new(py, [rebuild, args.into_any()])
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -156,6 +208,14 @@ impl Handle {
         )?;
         dict.set_item("bytes_received", received.bytes.load(Ordering::Relaxed))?;
         dict.set_item("get_blocked_seconds", seconds(&received.blocked_nanos))?;
+        match (self.channel.kind(), self.subscriber) {
+            (Kind::Latest, _) => dict.set_item("version", self.channel.latest_version())?,
+            (_, Some(id)) => {
+                dict.set_item("missed", self.channel.missed(id))?;
+                dict.set_item("backlog", self.channel.backlog(id))?;
+            }
+            _ => {}
+        }
         Ok(dict)
     }
 
@@ -358,7 +418,7 @@ impl Receiver {
     }
 }
 
-fn new_handle(channel: Arc<Channel>, side: Side) -> PyClassInitializer<Handle> {
+pub(super) fn new_handle(channel: Arc<Channel>, side: Side) -> PyClassInitializer<Handle> {
     PyClassInitializer::from(Handle::new(channel, side))
 }
 
@@ -396,18 +456,20 @@ fn receive<'py>(
         .map_err(GetError::Core)?;
     let blocked = started.elapsed();
     let len = received.len;
-    let (value, alloc_bytes) = decode_received(py, channel, received, copy)?;
+    let (value, alloc_bytes) = decode_received(py, channel, received, copy, false)?;
     handle.counters.record(len + alloc_bytes as usize, blocked);
     Ok(value)
 }
 
 /// Turns a received block into the message: views held by a lease, or copies (and the
-/// block released at once) with `copy`.
-fn decode_received<'py>(
+/// block released at once) with `copy`. `readonly`: NumPy views are not writable (several
+/// readers share them).
+pub(super) fn decode_received<'py>(
     py: Python<'py>,
     channel: &Arc<Channel>,
     received: Received,
     copy: bool,
+    readonly: bool,
 ) -> PyResult<(Bound<'py, PyAny>, u64)> {
     let refuse = |error: Error| -> PyErr {
         channel.release_message(received.block);
@@ -431,6 +493,7 @@ fn decode_received<'py>(
         Mode::View(lease.clone())
     };
     let mut decoder = Decoder::new(py, input, area, &buffers, mode, Some(channel), true)?;
+    decoder.readonly = readonly;
     let value = decoder.message();
     drop(lease);
     Ok((value?, decoder.external_bytes.get()))
@@ -451,6 +514,7 @@ pub fn channel(
         slab_bytes,
         max_slab_bytes,
         strict,
+        kind: Kind::Channel,
     })?;
     channel.open_handle(Side::Sender);
     channel.open_handle(Side::Receiver);
@@ -474,11 +538,29 @@ pub fn _rebuild(py: Python<'_>, state: &[u8]) -> PyResult<Py<PyAny>> {
     let ticket = Ticket::from_bytes(state)?;
     let channel = Channel::attach(&ticket)?;
     channel.redeem(&ticket);
-    let handle = new_handle(channel, ticket.side);
-    Ok(match ticket.side {
+    super::fanout::typed_handle(py, Handle::new(channel, ticket.side))
+}
+
+/// A point-to-point channel's handle as its Python class.
+pub(super) fn channel_handle(
+    py: Python<'_>,
+    handle: PyClassInitializer<Handle>,
+    side: Side,
+) -> PyResult<Py<PyAny>> {
+    Ok(match side {
         Side::Sender => Py::new(py, handle.add_subclass(Sender))?.into_any(),
         Side::Receiver => Py::new(py, handle.add_subclass(Receiver))?.into_any(),
     })
+}
+
+impl Handle {
+    pub(super) fn channel(&self) -> &Arc<Channel> {
+        &self.channel
+    }
+
+    pub(super) fn side(&self) -> Side {
+        self.side
+    }
 }
 
 #[pyfunction]

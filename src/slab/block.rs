@@ -25,6 +25,9 @@ pub const OWNER_RECEIVER: u64 = 3;
 pub const OWNER_ALLOC: u64 = 4;
 /// An `alloc` buffer whose creator let go of it (or died): only messages still hold it.
 pub const OWNER_ORPHAN: u64 = 5;
+/// A broadcast or mailbox message: held by the ring while retained and by the processes
+/// its `SharedPrefix` names (see `channel::fanout`); the slot is its publisher's.
+pub const OWNER_SHARED: u64 = 6;
 
 /// `kind:16 | generation:32 | slot:16`: the kind of holder and its tenure (`SlotId`), so a
 /// reused slot never inherits the blocks of the process that held it before.

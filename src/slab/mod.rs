@@ -221,6 +221,14 @@ impl Slab {
                         // process or another, by any path) repairs what the dead holder left.
                         // Release: pairs with the Acquire swap in `after_acquiring`.
                         self.heap().needs_rebuild.store(1, Ordering::Release);
+                    } else {
+                        // The ring lock: a broadcast or mailbox holder may have dropped a
+                        // block's last hold without freeing it. Release: pairs with the
+                        // Acquire swap in `fanout::Channel::fan_out_lock`.
+                        self.control()
+                            .fan_out
+                            .needs_sweep
+                            .store(1, Ordering::Release);
                     }
                     word.force_release(holder);
                 }
@@ -262,6 +270,15 @@ impl Slab {
         let guard = word.try_lock(Holder::new(me.index, me.generation))?;
         self.after_acquiring(word);
         Some(guard)
+    }
+
+    /// The ring lock if it can be had with a short spin (a dead holder's lock is broken only
+    /// by a waiting `lock`).
+    pub fn try_lock_ring(&self) -> Option<LockGuard<'_>> {
+        let me = self.slot_id();
+        self.control()
+            .ring_lock
+            .try_lock(Holder::new(me.index, me.generation))
     }
 
     /// Repairs, just after taking `word`, what a dead holder of the heap lock may have left

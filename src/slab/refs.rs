@@ -22,7 +22,7 @@ use std::collections::HashMap;
 
 use super::block::{
     owner_kind, unpack, OWNER_ALLOC, OWNER_ORPHAN, OWNER_QUEUED, OWNER_RECEIVER, OWNER_SENDER,
-    STATE_USED,
+    OWNER_SHARED, STATE_USED,
 };
 use super::{refcount, Slab, SlabRef};
 use crate::error::{Error, Result};
@@ -39,7 +39,7 @@ pub const CREATOR: u32 = 1 << 31;
 pub(super) fn is_message(owner: u64) -> bool {
     matches!(
         owner_kind(owner),
-        OWNER_SENDER | OWNER_QUEUED | OWNER_RECEIVER
+        OWNER_SENDER | OWNER_QUEUED | OWNER_RECEIVER | OWNER_SHARED
     )
 }
 

@@ -87,7 +87,14 @@ impl<'py> Decoder<'py, '_> {
             self.check_size(&shape, dtype.itemsize(), location)?;
             let address = self.payload(location)?;
             match self.lease_object()? {
-                Some(lease) => numpy_view(py, &dtype, &shape, address, lease.into_any())?,
+                Some(lease) => numpy_view(
+                    py,
+                    &dtype,
+                    &shape,
+                    address,
+                    lease.into_any(),
+                    !self.readonly,
+                )?,
                 None => self.numpy_copy(&dtype, &shape, address)?,
             }
         } else {
@@ -158,7 +165,7 @@ impl<'py> Decoder<'py, '_> {
         shape: &[usize],
         source: *const u8,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let array = numpy_new(self.py, dtype, shape, std::ptr::null_mut())?;
+        let array = numpy_new(self.py, dtype, shape, std::ptr::null_mut(), true)?;
         let len = shape.iter().product::<usize>() * dtype.itemsize();
         // SAFETY: a fresh C-contiguous array owns `len` bytes at `data`; the source range
         // was bounds-checked by the caller.
@@ -216,14 +223,15 @@ fn numpy_new<'py>(
     dtype: &Bound<'py, PyArrayDescr>,
     shape: &[usize],
     data: *mut u8,
+    writable: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let mut dims: Vec<npyffi::npy_intp> =
         shape.iter().map(|&dim| dim as npyffi::npy_intp).collect();
     // With `data` null NumPy allocates, and reads any nonzero flags as "Fortran order".
-    let flags = if data.is_null() {
-        0
-    } else {
-        npyffi::NPY_ARRAY_WRITEABLE | npyffi::NPY_ARRAY_C_CONTIGUOUS
+    let flags = match (data.is_null(), writable) {
+        (true, _) => 0,
+        (false, true) => npyffi::NPY_ARRAY_WRITEABLE | npyffi::NPY_ARRAY_C_CONTIGUOUS,
+        (false, false) => npyffi::NPY_ARRAY_C_CONTIGUOUS,
     };
     // SAFETY: PyArray_NewFromDescr steals a reference to the descriptor (hence the incref);
     // `dims` lives across the call; with `data` non-null the caller guarantees it covers
@@ -256,8 +264,9 @@ pub fn numpy_view<'py>(
     shape: &[usize],
     data: *mut u8,
     base: Bound<'py, PyAny>,
+    writable: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let array = numpy_new(py, dtype, shape, data)?;
+    let array = numpy_new(py, dtype, shape, data, writable)?;
     // SAFETY: `array` is a fresh array; SetBaseObject steals the reference we pass.
     let status =
         unsafe { PY_ARRAY_API.PyArray_SetBaseObject(py, array.as_ptr().cast(), base.into_ptr()) };

@@ -59,6 +59,8 @@ pub struct Decoder<'py, 'a> {
     mode: Mode,
     /// The `Lease` object shared as `base` by NumPy views of this message.
     lease_object: Option<Py<Lease>>,
+    /// NumPy views are made read-only (a broadcast's readers share the memory).
+    pub readonly: bool,
     channel: Option<&'a Channel>,
     allow_pickle: bool,
     arrays: Vec<Py<PyAny>>,
@@ -90,6 +92,7 @@ impl<'py, 'a> Decoder<'py, 'a> {
             blocks,
             mode,
             lease_object: None,
+            readonly: false,
             channel,
             allow_pickle,
             arrays: vec![],
@@ -444,7 +447,14 @@ impl<'py, 'a> Decoder<'py, 'a> {
             let dtype = numpy_dtype(py, "|u1")?;
             let shape = [location.nbytes as usize];
             let buffer = match self.lease_object()? {
-                Some(lease) => numpy_view(py, &dtype, &shape, address, lease.into_any())?,
+                Some(lease) => numpy_view(
+                    py,
+                    &dtype,
+                    &shape,
+                    address,
+                    lease.into_any(),
+                    !self.readonly,
+                )?,
                 None => self.numpy_copy(&dtype, &shape, address)?,
             };
             buffers.append(buffer)?;
