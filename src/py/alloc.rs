@@ -163,19 +163,21 @@ impl Chunk {
         }
         let deadline = deadline(timeout)?;
         let len = self.len;
-        let (block, address) = wait(py, |interrupt| {
+        let (block, start) = wait(py, |interrupt| {
             channel
                 .allocate_buffer(len, deadline, interrupt)
                 .map(|allocation| (allocation.block, allocation.address as usize))
         })?;
-        let address = address as *mut u8;
-        let lease = register_alloc(channel.clone(), block, address as usize, len);
+        // One registration for the whole block: `put` finds every leaf inside it.
+        let lease = register_alloc(channel.clone(), block, start, len);
+        let address = start as *mut u8;
         let base = Bound::new(py, Lease::new(Keeper::Alloc(lease.clone())))?.into_any();
         let views = self
             .leaves
             .iter()
             .map(|leaf| {
-                // SAFETY: `layout` placed the leaf inside the `len` bytes just allocated.
+                // SAFETY: `layout` placed the leaf inside the `len` bytes just allocated (an
+                // empty leaf at most at their end, which nothing reads).
                 let data = unsafe { address.add(leaf.offset) };
                 match &leaf.dtype {
                     Dtype::Torch(dl) => {
