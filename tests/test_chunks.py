@@ -57,6 +57,14 @@ def occupancy(handle) -> tuple[int, int]:
     return stats["messages_in_flight"], stats["slab_used_bytes"]
 
 
+def put_rollout(tx, seed: int):
+    """An actor's whole job: allocate a chunk, fill it, put it; returns the chunk."""
+    chunk = tx.alloc(rollout_spec())
+    fill(chunk, seed)
+    tx.put({"rollout": chunk, "version": seed}, timeout=10)
+    return chunk
+
+
 def wait_until(condition, *, what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -144,9 +152,7 @@ def test_a_chunk_put_twice_and_in_parts_is_freed_by_its_last_holder():
     tx, rx = tensorslab.channel()
     with tx, rx:
         blocks, used = occupancy(tx)
-        chunk = tx.alloc(rollout_spec())
-        fill(chunk, seed=5)
-        tx.put({"rollout": chunk, "version": 5}, timeout=10)
+        chunk = put_rollout(tx, seed=5)
         # A subset: one step of a leaf, contiguous slices, a leaf: references, no copies.
         parts = {
             "obs_t": chunk["obs"][4],
@@ -193,9 +199,7 @@ def test_a_receiver_killed_while_holding_the_chunk_frees_it(ctx_name):
     tx, rx = tensorslab.channel()
     with tx, rx:
         blocks, used = occupancy(tx)
-        chunk = tx.alloc(rollout_spec())
-        fill(chunk, seed=2)
-        tx.put({"rollout": chunk, "version": 2}, timeout=10)
+        chunk = put_rollout(tx, seed=2)
         ready = mp.get_context(ctx_name).Event()
         holder = Child(ctx_name, hold_until_killed, rx, ready, timeout=120).start()
         try:
@@ -207,9 +211,8 @@ def test_a_receiver_killed_while_holding_the_chunk_frees_it(ctx_name):
             wait_until(lambda: occupancy(tx) == (blocks, used), what="the dead receiver's chunk")
         finally:
             holder.kill()
-        again = tx.alloc(rollout_spec())
-        fill(again, seed=4)
-        tx.put({"rollout": again, "version": 4}, timeout=10)
+        # The channel still works.
+        again = put_rollout(tx, seed=4)
         assert wrong_leaves(rx.get(timeout=10)["rollout"], seed=4) == []
         del again
 
@@ -350,14 +353,19 @@ def test_alloc_like_copies_structure_shapes_and_dtypes_not_values():
     ],
 )
 def test_a_bad_spec_names_its_path_and_allocates_nothing(spec, error, fragments):
+    refused_alloc(lambda tx: tx.alloc(spec), error, fragments)
+
+
+def refused_alloc(call, error: type, fragments: list[str]) -> None:
+    """`call(tx)` raises `error` whose message holds every fragment, and allocates nothing."""
     tx, rx = tensorslab.channel(max_slab_bytes=64 << 20)
     with tx, rx:
         before = occupancy(tx)
         with pytest.raises(error) as caught:
-            tx.alloc(spec)
+            call(tx)
         for fragment in fragments:
             assert fragment in str(caught.value), f"{fragment!r} not in {caught.value}"
-        assert occupancy(tx) == before, "a refused spec kept slab memory"
+        assert occupancy(tx) == before, "a refused alloc kept slab memory"
 
 
 def test_a_spec_that_contains_itself_is_refused():
@@ -384,11 +392,4 @@ def test_a_spec_that_contains_itself_is_refused():
     ],
 )
 def test_a_bad_example_names_its_path_and_allocates_nothing(example, fragments):
-    tx, rx = tensorslab.channel()
-    with tx, rx:
-        before = occupancy(tx)
-        with pytest.raises(TypeError) as caught:
-            tx.alloc_like(example)
-        for fragment in fragments:
-            assert fragment in str(caught.value), f"{fragment!r} not in {caught.value}"
-        assert occupancy(tx) == before
+    refused_alloc(lambda tx: tx.alloc_like(example), TypeError, fragments)
