@@ -25,6 +25,7 @@ from payloads import touch
 
 POLL_S = 0.0005  # how often a shared-parameters actor looks at the version counter
 STOP, DRAINED = 1, 2  # rollout stop flag: the learner stops the actors, then lets them go
+REUSED_BUFFERS = 4  # the reference's buffers per actor, taken in turn: far more than any cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,12 +135,14 @@ class Latest(WeightPeer):
 
     def end_phase(self, phase: int) -> None:
         self.mailboxes[phase][0].close()
+        self.mailboxes[phase] = None  # a closed handle keeps its segments mapped until dropped
 
     def close(self) -> None:
-        for writer, reader in self.mailboxes:
-            for handle in (writer, reader):
+        for mailbox in self.mailboxes:
+            for handle in mailbox or ():
                 if not handle.closed:
                     handle.close()
+        self.mailboxes = []
 
 
 class LatestEnd:
@@ -184,6 +187,7 @@ class Broadcast(WeightPeer):
         for subscribers in self.subscribers:
             for subscriber in subscribers:
                 subscriber.close()
+        self.subscribers = []  # dropped: a closed handle keeps its segments mapped
 
     def send(self, phase: int, model: Any, timeout: float) -> None:
         self.publishers[phase].put(model.state_dict(), timeout=timeout)
@@ -193,11 +197,13 @@ class Broadcast(WeightPeer):
 
     def end_phase(self, phase: int) -> None:
         self.publishers[phase].close()
+        self.publishers[phase] = None
 
     def close(self) -> None:
         for handle in [*self.publishers, *(s for subs in self.subscribers for s in subs)]:
-            if not handle.closed:
+            if handle is not None and not handle.closed:
                 handle.close()
+        self.publishers, self.subscribers = [], []
 
 
 class BroadcastEnd:
@@ -226,7 +232,7 @@ class MpQueuePerActor(WeightPeer):
     NumPy array is pickled by value), so each queue pickles the whole state dict once more."""
 
     name = "mp.Queue per actor"
-    description = "one multiprocessing.Queue per actor; the learner puts the state dict (NumPy) to each"
+    description = "one multiprocessing.Queue per actor; the learner puts the state dict to each"
     numpy = True
 
     def open(self, ctx: Any, counts: list[int], model: Any) -> None:
@@ -373,7 +379,8 @@ def weight_actor(
     torch.set_num_threads(1)
     model = build_model(width, blocks)
     targets = dict(model.state_dict(keep_vars=True))
-    first_tensor, last_tensor = next(iter(targets.values())), list(targets.values())[-1]
+    tensors = [tensor.detach() for tensor in targets.values()]
+    first_tensor, last_tensor = tensors[0], tensors[-1]
     conn.send(("ready", None, 0.0))
     while True:
         command = conn.recv()  # EOFError if the driver is gone: this actor ends with it
@@ -404,8 +411,7 @@ class FakeEnv:
     def __init__(self, envs: int, obs_shape: tuple[int, ...], dtype: str, seed: int) -> None:
         rng = np.random.default_rng(seed)
         self.frames = [
-            rng.integers(0, 255, (envs, *obs_shape), dtype=np.uint8).astype(dtype)
-            for _ in range(4)
+            rng.integers(0, 255, (envs, *obs_shape), dtype=np.uint8).astype(dtype) for _ in range(4)
         ]
         self.rewards = rng.random((16, envs), dtype=np.float32)
         self.dones = rng.random((16, envs)) < 0.01
@@ -542,18 +548,20 @@ class TorchQueueRollouts(QueueRollouts):
 
 
 class NoTransport(QueueRollouts):
-    """The ceiling: the actors' loop with nothing sent. Each actor fills one reused buffer,
-    touches it itself (the learner's work) and sends only a small token."""
+    """The ceiling: the actors' loop with nothing sent. Each actor fills a few buffers in turn
+    (together far larger than any cache, as the slab's blocks are: one reused buffer would
+    stay warm), touches each itself (the learner's work) and sends a token."""
 
     name = "reference: no transport"
-    description = "the env loop into one reused buffer, touched by the actor; tokens only"
+    description = "the env loop into reused buffers, touched by the actor; tokens only"
     form = "reused"
 
 
 class QueueSender:
     def __init__(self, q: Any, form: str) -> None:
         self.q, self.form = q, form
-        self.reused: dict | None = None
+        self.reused: list[dict] = []
+        self.sent = 0
 
     def new_rollout(self, spec: dict) -> dict:
         if self.form == "numpy":
@@ -561,10 +569,15 @@ class QueueSender:
         import torch
 
         if self.form == "torch":
-            return {name: torch.empty(shape, dtype=d) for name, (shape, d) in torch_spec(spec).items()}
-        if self.reused is None:
-            self.reused = {name: np.zeros(shape, dtype) for name, (shape, dtype) in spec.items()}
-        return self.reused
+            spec_items = torch_spec(spec).items()
+            return {name: torch.empty(shape, dtype=d) for name, (shape, d) in spec_items}
+        if not self.reused:
+            self.reused = [
+                {name: np.zeros(shape, dtype) for name, (shape, dtype) in spec.items()}
+                for _ in range(REUSED_BUFFERS)
+            ]
+        self.sent += 1
+        return self.reused[self.sent % REUSED_BUFFERS]
 
     def send(self, msg: Any, timeout: float) -> None:
         if self.form == "reused" and msg is not None:
