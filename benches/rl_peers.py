@@ -261,7 +261,9 @@ class MpQueuePerActor(WeightPeer):
     def close(self) -> None:
         for q in self.queues:
             q.close()
-            q.join_thread()
+            # After a failed round a message may sit unsent for an actor that is gone: waiting
+            # for the feeder to flush it would never end. After a good run nothing is left.
+            q.cancel_join_thread()
 
 
 class TorchQueuePerActor(MpQueuePerActor):
