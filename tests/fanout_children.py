@@ -222,7 +222,7 @@ def wait_forever(handle, started) -> None:
 
 # --- latest-value mailbox -------------------------------------------------------------------
 
-# A state dict: name -> (shape, torch dtype name). Mixed sizes and dtypes, ~0.5 MiB.
+# A state dict: name -> (shape, dtype name). Mixed sizes and dtypes, ~0.5 MiB.
 WEIGHTS = {
     "embed.weight": ((256, 256), "float32"),
     "block.0.weight": ((128, 256), "float64"),
@@ -234,14 +234,13 @@ WEIGHTS = {
 
 
 def weights(version: int) -> dict:
-    """Version `version` of the weights: every tensor filled with the version number."""
-    import torch
+    """Version `version` of the weights: every array filled with the version number.
 
-    state = {
-        name: torch.full(shape, version, dtype=getattr(torch, dtype))
-        for name, (shape, dtype) in WEIGHTS.items()
-    }
-    state["version"] = torch.tensor(version)
+    NumPy arrays (`load_into` takes them as tensors): the writer and the `get` readers then
+    run without torch, which spawn children take seconds to import.
+    """
+    state = {name: np.full(shape, version, dtype=dtype) for name, (shape, dtype) in WEIGHTS.items()}
+    state["version"] = np.array(version, dtype=np.int64)
     return state
 
 
@@ -257,12 +256,21 @@ def zero_weights() -> dict:
 
 
 def torn(state: dict, version: int) -> list:
-    """The names of the tensors of `state` that are not all `version`."""
+    """The names of the tensors (or arrays) of `state` that are not all `version`."""
     return [name for name, tensor in state.items() if not bool((tensor == version).all())]
 
 
-def publish_versions(writer, first: int, last: int) -> int:
-    """Publishes versions first..last as fast as possible, then closes the writer."""
+def publish_versions(writer, first: int, last: int, started=None, go=None) -> int:
+    """Publishes versions first..last as fast as possible, then closes the writer.
+
+    `started`: set once the writer was used here (so it counts here); `go`: wait for it
+    before publishing.
+    """
+    if started is not None:
+        assert writer.version == first - 1
+        started.set()
+    if go is not None:
+        assert go.wait(TIMEOUT), "never told to start"
     for version in range(first, last + 1):
         got = writer.publish(weights(version))
         assert got == version, f"publish {version} returned {got}"
@@ -270,20 +278,35 @@ def publish_versions(writer, first: int, last: int) -> int:
     return last
 
 
-def read_versions(reader, how: str) -> dict:
-    """Reads the newest version (`get`, or `load_into` a dict) until the writer closed.
+def publish_until(writer, first: int, enough: list, most: int) -> int:
+    """Publishes versions from `first` on, as fast as possible, until every event in
+    `enough` is set (or `most` versions), then closes the writer; returns the last."""
+    version = first
+    while True:
+        got = writer.publish(weights(version))
+        assert got == version, f"publish {version} returned {got}"
+        if version >= most or all(event.is_set() for event in enough):
+            writer.close()
+            return version
+        version += 1
+
+
+def read_versions(reader, how: str, started, enough, count: int) -> dict:
+    """Reads the newest version (`get`, or `load_into` a dict) until the writer closed;
+    sets `enough` after `count` versions.
 
     Returns the versions seen, every torn or backwards one, and the most slab memory seen
-    in use.
+    in use. `started` is set once the reader was used here and is ready.
     """
-    target = zero_weights()
+    target = zero_weights() if how == "load_into" else None
+    assert reader.version >= 0  # used here: it counts in this process
+    started.set()
     seen, problems, most_used = [], [], 0
     last = 0
     while True:
         try:
             if how == "get":
-                version, value = reader.get(newer_than=last, timeout=TIMEOUT)
-                state = value
+                version, state = reader.get(newer_than=last, timeout=TIMEOUT)
             else:
                 version = reader.load_into(target, newer_than=last, timeout=TIMEOUT)
                 state = target
@@ -298,11 +321,19 @@ def read_versions(reader, how: str) -> dict:
             problems.append(f"reader.version {reader.version} < version {version} just read")
         most_used = max(most_used, reader.stats()["slab_used_bytes"])
         seen.append(version)
+        if len(seen) == count:
+            enough.set()
         last = version
         del state
-        if how == "get":
-            del value
     return {"seen": seen, "problems": problems, "most_used": most_used}
+
+
+def publish_then_wait(writer, count: int, started) -> None:
+    """Publishes versions 1..count, says so, then waits to be killed."""
+    for version in range(1, count + 1):
+        writer.publish(weights(version))
+    started.set()
+    time.sleep(TIMEOUT)
 
 
 def hold_newest(reader, ready) -> None:
@@ -315,6 +346,7 @@ def hold_newest(reader, ready) -> None:
 
 def versions_seen(reader, commands, replies) -> None:
     """Replies `reader.version` each time the parent asks; returns on "stop"."""
+    replies.put("started")
     while commands.get(timeout=TIMEOUT) != "stop":
         replies.put(reader.version)
 
