@@ -278,9 +278,12 @@ def publish_versions(writer, first: int, last: int, started=None, go=None) -> in
     return last
 
 
-def publish_until(writer, first: int, enough: list, most: int) -> int:
+def publish_until(writer, first: int, enough: list, most: int, started) -> int:
     """Publishes versions from `first` on, as fast as possible, until every event in
-    `enough` is set (or `most` versions), then closes the writer; returns the last."""
+    `enough` is set (or `most` versions), then closes the writer; returns the last.
+    `started`: set once the writer was used here."""
+    assert writer.version == first - 1
+    started.set()
     version = first
     while True:
         got = writer.publish(weights(version))

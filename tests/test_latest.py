@@ -33,7 +33,10 @@ def test_readers_see_only_whole_versions_while_the_writer_publishes_flat_out(ctx
         child = Child(ctx_name, fc.read_versions, reader, how, started, enough[-1], count)
         readers.append(child.start())
         assert started.wait(TIMEOUT), f"the {how} reader did not start"
-    publisher = Child(ctx_name, fc.publish_until, writer, 2, enough, most, timeout=120).start()
+    started = ctx.Event()
+    publisher = Child(ctx_name, fc.publish_until, writer, 2, enough, most, started, timeout=120)
+    publisher.start()
+    assert started.wait(TIMEOUT), "the writer did not start"
     writer.close()
     reader.close()
     last = publisher.join()
