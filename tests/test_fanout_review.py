@@ -10,7 +10,6 @@ import time
 import pytest
 
 import tensorslab
-from tensorslab import _tensorslab
 
 CHILD_TIMEOUT = 20
 
