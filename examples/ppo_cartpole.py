@@ -210,3 +210,223 @@ def ppo_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: dict, cf
             optimizer.step()
             clipped.append(float(((ratio - 1).abs() > cfg.clip).float().mean()))
     return {"clip_fraction": float(np.mean(clipped))}
+
+
+# --- transport: every tensorslab call of the example is in this section ------------------
+
+
+def open_transport(cfg: Config):
+    """The rollout channel and the weights mailbox.
+
+    A channel of one slot per actor: an actor runs at most a rollout or two ahead of the
+    learner (one queued, one being collected), which bounds the policy lag.
+    """
+    tx, rx = tensorslab.channel(capacity=cfg.actors)
+    writer, reader = tensorslab.latest()
+    return tx, rx, writer, reader
+
+
+def alloc_rollout(tx: tensorslab.Sender, spec: dict) -> dict:
+    """A rollout chunk in slab memory, filled in place and put with no copy."""
+    return {name: tx.alloc(shape, dtype) for name, (shape, dtype) in spec.items()}
+
+
+def put_rollout(tx: tensorslab.Sender, message: dict, stop) -> bool:
+    """Puts `message`, giving up once `stop` is set (the learner may not read it any more)."""
+    while not stop.is_set():
+        try:
+            tx.put(message, timeout=0.2)
+            return True
+        except tensorslab.Full:
+            continue
+    return False
+
+
+def newest_weights(reader: tensorslab.Reader, policy: Policy, version: int) -> int:
+    """Copies the newest weights into `policy` if there are newer than `version`."""
+    if reader.version > version:
+        # The version loaded, which may be newer still than the one just read.
+        return reader.load_into(policy)
+    return version
+
+
+# --- the actors ----------------------------------------------------------------------------
+
+
+def actor(index: int, cfg: Config, tx, reader, stop) -> None:
+    """Collects rollouts with the newest weights until `stop` is set or the learner left."""
+    torch.set_num_threads(1)
+    seed = cfg.seed + 1000 * (index + 1)
+    torch.manual_seed(seed)
+    policy = Policy()
+    collector = Collector(cfg, seed)
+    spec = rollout_spec(cfg)
+    try:
+        version = reader.load_into(policy, newer_than=0, timeout=60)  # the learner's first
+        while not stop.is_set():
+            version = newest_weights(reader, policy, version)
+            chunk = alloc_rollout(tx, spec)
+            returns = collector.collect(policy, chunk)
+            message = {"rollout": chunk, "version": version, "actor": index, "returns": returns}
+            del chunk  # the message holds it; nothing here writes to it after the put
+            if not put_rollout(tx, message, stop):
+                break
+    except tensorslab.Closed:
+        pass  # the learner closed its receiver: nothing left to collect for
+    finally:
+        collector.close()
+        tx.close()
+        reader.close()
+
+
+# --- the learner ---------------------------------------------------------------------------
+
+
+def stack(rollouts: list[dict]) -> dict:
+    """The rollouts side by side on the environment axis (copies out of the slab)."""
+    batch = {}
+    for name in rollouts[0]:
+        axis = 0 if name == "next_obs" else 1
+        batch[name] = torch.cat([rollout[name] for rollout in rollouts], dim=axis)
+    return batch
+
+
+def train(cfg: Config, start_method: str) -> dict:
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed)
+    policy = Policy()
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+    tx, rx, writer, reader = open_transport(cfg)
+    version = writer.publish(policy.state_dict())
+    context = mp.get_context(start_method)
+    stop = context.Event()
+    processes = [
+        context.Process(target=actor, args=(i, cfg, tx, reader, stop), name=f"actor-{i}")
+        for i in range(cfg.actors)
+    ]
+    for process in processes:
+        process.start()
+    tx.close()  # the actors hold their own handles now
+    reader.close()
+
+    began = time.perf_counter()
+    first = None  # when the first rollout arrived: the actors' start-up is not in steps/s
+    recent: deque[float] = deque(maxlen=cfg.window)
+    lags: list[int] = []
+    versions_seen: list[int] = []
+    steps = iteration = episodes = 0
+    mean_return = 0.0
+    try:
+        while True:
+            messages = [rx.get(timeout=60) for _ in range(cfg.actors)]
+            first = first or time.perf_counter()
+            batch = stack([message["rollout"] for message in messages])
+            for message in messages:
+                lags.append(version - message["version"])
+                versions_seen.append(message["version"])
+                recent.extend(message["returns"])
+                episodes += len(message["returns"])
+            lag = float(np.mean(lags[-cfg.actors :]))
+            messages = None  # release the chunks: batch holds copies
+            ppo_update(policy, optimizer, batch, cfg)
+            version = writer.publish(policy.state_dict())
+            steps += cfg.actors * cfg.envs * cfg.steps
+            iteration += 1
+            mean_return = float(np.mean(recent)) if recent else 0.0
+            rate = steps / max(time.perf_counter() - first, 1e-9)
+            print(
+                f"version {version:4d}  steps {steps:7d}  {rate:6.0f} steps/s  "
+                f"return {mean_return:5.1f} (last {len(recent)})  lag {lag:.2f}",
+                flush=True,
+            )
+            solved = len(recent) == cfg.window and mean_return >= SOLVED
+            if solved or iteration == cfg.max_iterations:
+                break
+            if time.perf_counter() - began > cfg.time_limit:
+                break
+    finally:
+        stop.set()
+        drain(rx, processes)
+        writer.close()
+    return {
+        "iterations": iteration,
+        "steps": steps,
+        "seconds": time.perf_counter() - began,
+        "training_seconds": time.perf_counter() - (first or began),
+        "episodes": episodes,
+        "mean_return": mean_return,
+        "mean_lag": float(np.mean(lags)) if lags else float("nan"),
+        "max_lag": max(lags, default=0),
+        "versions_seen": versions_seen,
+        "final_version": version,
+        "exit_codes": [process.exitcode for process in processes],
+    }
+
+
+def drain(rx: tensorslab.Receiver, processes: list, timeout: float = 30.0) -> None:
+    """Reads what the actors still put until each has closed its sender, then joins them."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                rx.get(timeout=0.2)
+            except tensorslab.Empty:
+                if not any(process.is_alive() for process in processes):
+                    break
+    except tensorslab.Closed:
+        pass  # every actor closed its sender (or exited)
+    for process in processes:
+        process.join(max(deadline - time.monotonic(), 1.0))
+        if process.is_alive():
+            print(f"{process.name} did not stop; terminating it", file=sys.stderr)
+            process.terminate()
+            process.join()
+    rx.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a few iterations (CI)")
+    parser.add_argument("--actors", type=int, default=Config.actors)
+    parser.add_argument("--envs", type=int, default=Config.envs, help="environments per actor")
+    parser.add_argument("--time-limit", type=float, default=Config.time_limit, help="seconds")
+    parser.add_argument("--seed", type=int, default=Config.seed)
+    parser.add_argument("--start-method", choices=["spawn", "fork", "forkserver"], default="spawn")
+    args = parser.parse_args()
+    cfg = Config(actors=args.actors, envs=args.envs, time_limit=args.time_limit, seed=args.seed)
+    if args.smoke:
+        # Enough iterations that the actors must have picked up weights newer than the first:
+        # at most capacity + one per actor rollouts are in flight when a version is published.
+        cfg.max_iterations = 8
+
+    result = train(cfg, args.start_method)
+    lag = f"mean policy lag {result['mean_lag']:.2f} (max {result['max_lag']})"
+    print(
+        f"{'solved' if result['mean_return'] >= SOLVED else 'stopped'}: mean return "
+        f"{result['mean_return']:.1f} over the last {cfg.window} episodes after "
+        f"{result['steps']} env steps, {result['iterations']} updates, "
+        f"{result['seconds']:.1f} s ({result['training_seconds']:.1f} s from the first "
+        f"rollout); {lag}; actor exit codes {result['exit_codes']}"
+    )
+    failures = []
+    if any(code != 0 for code in result["exit_codes"]):
+        failures.append(f"an actor failed: exit codes {result['exit_codes']}")
+    if args.smoke:
+        seen = result["versions_seen"]
+        if result["iterations"] != cfg.max_iterations:
+            failures.append(f"{result['iterations']} of {cfg.max_iterations} iterations ran")
+        if result["final_version"] != cfg.max_iterations + 1:
+            failures.append(f"the learner ended at version {result['final_version']}")
+        if not seen or max(seen) < 2:
+            failures.append(f"no actor picked up new weights: rollout versions {seen}")
+        if np.isnan(result["mean_lag"]):
+            failures.append("no policy lag was measured")
+    elif result["mean_return"] < SOLVED:
+        failures.append(f"mean return {result['mean_return']:.1f} < {SOLVED}")
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
