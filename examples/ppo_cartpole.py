@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import signal
 import sys
 import time
 from collections import deque
@@ -255,6 +256,8 @@ def newest_weights(reader: tensorslab.Reader, policy: Policy, version: int) -> i
 
 def actor(index: int, cfg: Config, tx, reader, stop) -> None:
     """Collects rollouts with the newest weights until `stop` is set or the learner left."""
+    # Ctrl-C reaches the whole process group: the learner alone handles it, by setting stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     seed = cfg.seed + 1000 * (index + 1)
     torch.manual_seed(seed)
@@ -313,7 +316,7 @@ def train(cfg: Config, start_method: str) -> dict:
     first = None  # when the first rollout arrived: the actors' start-up is not in steps/s
     recent: deque[float] = deque(maxlen=cfg.window)
     lags: list[int] = []
-    versions_seen: list[int] = []
+    versions_seen: dict[int, list[int]] = {i: [] for i in range(cfg.actors)}
     steps = iteration = episodes = 0
     mean_return = 0.0
     try:
@@ -323,7 +326,7 @@ def train(cfg: Config, start_method: str) -> dict:
             batch = stack([message["rollout"] for message in messages])
             for message in messages:
                 lags.append(version - message["version"])
-                versions_seen.append(message["version"])
+                versions_seen[message["actor"]].append(message["version"])
                 recent.extend(message["returns"])
                 episodes += len(message["returns"])
             lag = float(np.mean(lags[-cfg.actors :]))
@@ -413,12 +416,15 @@ def main() -> int:
         failures.append(f"an actor failed: exit codes {result['exit_codes']}")
     if args.smoke:
         seen = result["versions_seen"]
+        newest = max((max(versions, default=0) for versions in seen.values()), default=0)
         if result["iterations"] != cfg.max_iterations:
             failures.append(f"{result['iterations']} of {cfg.max_iterations} iterations ran")
         if result["final_version"] != cfg.max_iterations + 1:
             failures.append(f"the learner ended at version {result['final_version']}")
-        if not seen or max(seen) < 2:
+        if newest < 2:
             failures.append(f"no actor picked up new weights: rollout versions {seen}")
+        if any(versions != sorted(versions) for versions in seen.values()):
+            failures.append(f"an actor went back to older weights: rollout versions {seen}")
         if np.isnan(result["mean_lag"]):
             failures.append("no policy lag was measured")
     elif result["mean_return"] < SOLVED:
