@@ -75,15 +75,30 @@ class Sender(Handle):
 
     def alloc(
         self,
-        shape: int | tuple[int, ...] | list[int],
-        dtype: Any,
+        shape: int | tuple[int, ...] | list[int] | Any,
+        dtype: Any = None,
         *,
         timeout: float | None = None,
     ) -> Any:
         """An uninitialised ``np.ndarray`` (NumPy dtype) or ``torch.Tensor`` (torch dtype) in
         slab memory. Fill it in place; putting it (alone or inside a container) sends it
         without copying. Do not modify it after putting it: the receiver sees the same memory.
+
+        With no ``dtype``, ``shape`` is a *spec*: a nested dict, list, tuple, named tuple or
+        dataclass instance whose leaves are ``(shape, dtype)`` pairs, e.g.
+        ``{"obs": ((T, N, 4), torch.float32), "act": ((T, N), torch.int64)}``. The result has
+        the same structure with an uninitialised array or tensor at each leaf, all in ONE
+        slab block (a rollout chunk): putting it, any part of it, or C-contiguous slices of
+        its arrays sends them with no copy, and the receiver gets zero-copy views of that
+        block. A leaf is an exact ``tuple`` of two items whose second item is a dtype: a
+        ``torch.dtype``, a ``np.dtype``, a type (``np.float32``) or a string
+        (``"float32"``); every other tuple is a container. A bad spec allocates nothing and
+        its error names the path (``spec['obs']: ...``).
         """
+
+    def alloc_like(self, example: Any, *, timeout: float | None = None) -> Any:
+        """``alloc`` of a spec with the structure, shapes and dtypes of ``example`` (a nested
+        structure of arrays and tensors, as ``alloc`` takes); values are not copied."""
 
 
 @final

@@ -5,24 +5,20 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use numpy::{PyArrayDescr, PyArrayDescrMethods};
-use pyo3::exceptions::{PyOverflowError, PyStopIteration, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyStopIteration, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 use pyo3::PyClassInitializer;
 
+use super::alloc;
 use super::blocking::{deadline, wait, wait_raw};
-use super::decode::{numpy_view, Decoder, Mode};
-use super::dlpack;
+use super::decode::{Decoder, Mode};
 use super::encode::Encoder;
 use super::frame::Frame;
-use super::lease::{register_alloc, Keeper, Lease, MessageLease};
-use super::types::{torch, torch_if_loaded};
+use super::lease::MessageLease;
 use crate::channel::{Channel, ChannelOptions, Kind, Received, SubscriberId, Ticket};
 use crate::error::Error;
-use crate::header::{
-    array_nbytes, describe_unaddressable, read_buffers, FrameHeader, Reader, MAX_BYTES,
-};
+use crate::header::{read_buffers, FrameHeader, Reader};
 use crate::procs::Side;
 use crate::wait::Deadline;
 
@@ -359,71 +355,35 @@ impl Sender {
         })
     }
 
-    /// An uninitialised array (NumPy dtype) or tensor (torch dtype) in slab memory.
-    #[pyo3(signature = (shape, dtype, *, timeout = None))]
+    /// An uninitialised array (NumPy dtype) or tensor (torch dtype) in slab memory; with no
+    /// `dtype`, `shape` is a spec: a nested structure of `(shape, dtype)` leaves, all
+    /// allocated in one block (see `py::alloc`).
+    #[pyo3(signature = (shape, dtype = None, *, timeout = None))]
     fn alloc<'py>(
         slf: &Bound<'_, Self>,
         py: Python<'py>,
         shape: &Bound<'py, PyAny>,
-        dtype: &Bound<'py, PyAny>,
+        dtype: Option<&Bound<'py, PyAny>>,
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let channel = slf.as_super().get().open()?;
-        let shape = alloc_shape(shape)?;
-        let torch_dtype = match torch_if_loaded(py)? {
-            Some(torch) if dtype.is_instance(torch.dtype.bind(py))? => {
-                let name = dtype.str()?.to_string();
-                let name = name.strip_prefix("torch.").unwrap_or(&name).to_owned();
-                Some(dlpack::dtype_of(&name).ok_or_else(|| {
-                    PyTypeError::new_err(format!("alloc does not support dtype torch.{name}"))
-                })?)
-            }
-            _ => None,
-        };
-        let numpy_dtype = match torch_dtype {
-            Some(_) => None,
-            None => {
-                let descr = PyArrayDescr::new(py, dtype)?;
-                if descr.has_object() {
-                    return Err(PyTypeError::new_err(
-                        "alloc cannot hold Python objects (object dtype)",
-                    ));
-                }
-                Some(descr)
-            }
-        };
-        let itemsize = match (&torch_dtype, &numpy_dtype) {
-            (Some(dl), _) => usize::from(dl.bits).div_ceil(8),
-            (_, Some(descr)) => descr.itemsize(),
-            _ => unreachable!("one of the dtypes is set"),
-        };
-        let len = array_nbytes(&shape, itemsize).ok_or_else(|| {
-            PyValueError::new_err(format!(
-                "cannot alloc: {}",
-                describe_unaddressable("an array", &shape, itemsize)
-            ))
-        })?;
-        let deadline = deadline(timeout)?;
-        let (block, address) = wait(py, |interrupt| {
-            channel
-                .allocate_buffer(len, deadline, interrupt)
-                .map(|allocation| (allocation.block, allocation.address as usize))
-        })?;
-        let lease = register_alloc(channel.clone(), block, address, len);
-        if let Some(dl) = torch_dtype {
-            let capsule =
-                dlpack::capsule(py, address as *mut u8, dl, &shape, Keeper::Alloc(lease))?;
-            return torch(py)?.from_dlpack.bind(py).call1((capsule,));
+        match dtype {
+            Some(dtype) => alloc::alloc_one(py, channel, shape, dtype, timeout),
+            None => alloc::alloc_structure(py, channel, shape, false, timeout),
         }
-        let base = Bound::new(py, Lease::new(Keeper::Alloc(lease)))?;
-        numpy_view(
-            py,
-            &numpy_dtype.expect("numpy dtype"),
-            &shape,
-            address as *mut u8,
-            base.into_any(),
-            true,
-        )
+    }
+
+    /// Uninitialised arrays and tensors in one block, in the structure of `example` (a
+    /// nested structure of arrays and tensors) and with its shapes and dtypes.
+    #[pyo3(signature = (example, *, timeout = None))]
+    fn alloc_like<'py>(
+        slf: &Bound<'_, Self>,
+        py: Python<'py>,
+        example: &Bound<'py, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let channel = slf.as_super().get().open()?;
+        alloc::alloc_structure(py, channel, example, true, timeout)
     }
 }
 
@@ -455,47 +415,6 @@ impl Receiver {
             Err(GetError::Core(Error::Closed(_))) => Err(PyStopIteration::new_err(())),
             other => other.map_err(|error| error.into_pyerr(py)),
         }
-    }
-}
-
-/// The `shape` argument of `alloc`: an int or a sequence of ints (anything with
-/// `__index__`, as NumPy takes). A dimension that is not an int is a `TypeError`; one that
-/// is negative or larger than any array may be, a `ValueError` naming it.
-fn alloc_shape(shape: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
-    let not_ints = || {
-        PyTypeError::new_err(format!(
-            "shape must be an int or a sequence of ints, got {}",
-            shape.repr().map(|r| r.to_string()).unwrap_or_default()
-        ))
-    };
-    // `extract::<usize>` goes through `__index__`: a TypeError means "not an int", an
-    // OverflowError an int out of range.
-    let is_int = |error: &PyErr| error.is_instance_of::<PyOverflowError>(shape.py());
-    match shape.extract::<usize>() {
-        Err(error) if !is_int(&error) => {} // a sequence, or no shape at all
-        extracted => return Ok(vec![dimension(0, shape, extracted)?]),
-    }
-    let mut dims = vec![];
-    for (axis, dim) in shape.try_iter().map_err(|_| not_ints())?.enumerate() {
-        let dim = dim?;
-        match dim.extract::<usize>() {
-            Err(error) if !is_int(&error) => return Err(not_ints()),
-            extracted => dims.push(dimension(axis, &dim, extracted)?),
-        }
-    }
-    Ok(dims)
-}
-
-/// Dimension `axis` of an `alloc` shape, `value` as given and as extracted to `usize`.
-fn dimension(axis: usize, value: &Bound<'_, PyAny>, extracted: PyResult<usize>) -> PyResult<usize> {
-    match extracted {
-        Ok(dim) if dim <= MAX_BYTES => Ok(dim),
-        _ if value.lt(0)? => Err(PyValueError::new_err(format!(
-            "shape[{axis}] is {value}: a dimension cannot be negative"
-        ))),
-        _ => Err(PyValueError::new_err(format!(
-            "shape[{axis}] is {value}, more than the {MAX_BYTES} an array dimension may be"
-        ))),
     }
 }
 

@@ -2,6 +2,7 @@
 //! `#[pymodule]` only registers.
 use pyo3::prelude::*;
 
+mod alloc;
 mod blocking;
 mod decode;
 mod dlpack;
