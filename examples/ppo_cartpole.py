@@ -213,14 +213,15 @@ def ppo_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: dict, cf
     return {"clip_fraction": float(np.mean(clipped))}
 
 
-# --- transport: every tensorslab call of the example is in this section ------------------
+# --- tensorslab: the channel and the mailbox, and an actor's use of them ----------------
 
 
 def open_transport(cfg: Config):
     """The rollout channel and the weights mailbox.
 
-    A channel of one slot per actor: an actor runs at most a rollout or two ahead of the
-    learner (one queued, one being collected), which bounds the policy lag.
+    A channel of one slot per actor bounds how far the actors run ahead of the learner, and
+    so the policy lag: while the learner updates, the next rollouts wait in the channel and
+    the actors collect the ones after them with the weights they have (a lag of about 2).
     """
     tx, rx = tensorslab.channel(capacity=cfg.actors)
     writer, reader = tensorslab.latest()
@@ -228,8 +229,9 @@ def open_transport(cfg: Config):
 
 
 def alloc_rollout(tx: tensorslab.Sender, spec: dict) -> dict:
-    """A rollout chunk in slab memory, filled in place and put with no copy."""
-    return {name: tx.alloc(shape, dtype) for name, (shape, dtype) in spec.items()}
+    """A rollout chunk: every field of `spec` in one slab block, filled in place and put
+    with no copy. A fresh one per rollout: the blocks the learner released are reused."""
+    return tx.alloc(spec)
 
 
 def put_rollout(tx: tensorslab.Sender, message: dict, stop) -> bool:
@@ -330,7 +332,7 @@ def train(cfg: Config, start_method: str) -> dict:
                 recent.extend(message["returns"])
                 episodes += len(message["returns"])
             lag = float(np.mean(lags[-cfg.actors :]))
-            messages = None  # release the chunks: batch holds copies
+            message = messages = None  # release the chunks: batch holds copies
             ppo_update(policy, optimizer, batch, cfg)
             version = writer.publish(policy.state_dict())
             steps += cfg.actors * cfg.envs * cfg.steps
