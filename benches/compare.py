@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import harness
 from payloads import (
     DESCRIPTIONS,
     HUGE_CASE,
@@ -40,8 +41,6 @@ from payloads import (
     size_of,
 )
 from transports import BROADCAST, TENSORSLAB, TRANSPORTS, WAKE_FLOOR, Transport, resolve
-
-import harness
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LATENCY_TRANSPORTS = ("tensorslab", "mp.Queue", "mp.Pipe")

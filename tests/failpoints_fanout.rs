@@ -22,8 +22,8 @@ use tensorslab::layout::SHARED_PREFIX_LEN;
 use tensorslab::procs::Side;
 use tensorslab::Result;
 
-mod harness;
-use harness::{
+mod failpoint_harness;
+use failpoint_harness::{
     deadline, fill_byte, finish, hex_decode, no_interrupt, numbers, reap_all, run_matrix,
     spawn_child, uvarint, Scenario, TIMEOUT,
 };

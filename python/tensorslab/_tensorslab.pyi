@@ -11,16 +11,23 @@ __all__ = [
     "ABI_VERSION",
     "Handle",
     "Lease",
+    "Publisher",
+    "Reader",
     "Receiver",
     "Sender",
+    "Subscriber",
+    "Writer",
     "__version__",
     "_after_fork_in_child",
     "_after_fork_in_parent",
     "_before_fork",
     "_drop_ticket",
     "_rebuild",
+    "_rebuild_subscriber",
+    "broadcast",
     "channel",
     "dumps",
+    "latest",
     "loads",
 ]
 __version__: str
@@ -234,6 +241,7 @@ def loads(data: bytes | bytearray | memoryview, *, allow_pickle: bool = False) -
     type, a dataclass or a named tuple class; anything else is refused."""
 
 def _rebuild(state: bytes) -> Any: ...
+def _rebuild_subscriber(state: bytes, index: int, generation: int) -> Subscriber: ...
 def _drop_ticket(state: bytes) -> bool: ...
 def _before_fork() -> None: ...
 def _after_fork_in_parent() -> None: ...
