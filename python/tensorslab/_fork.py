@@ -64,7 +64,7 @@ def handles_in(root: Any) -> list[Handle]:
     return found
 
 
-def handed_to_child() -> list[Sender | Receiver] | None:
+def handed_to_child() -> list[Handle] | None:
     """The handles handed to the process being forked, or None after a bare ``os.fork()``."""
     process = process_being_forked()
     if process is None:
