@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The interpreter that creates the venv; override with `make PYTHON=python3.12`.
 PYTHON ?= python3
-PIP_PACKAGES := maturin numpy pytest pytest-timeout hypothesis ruff mypy matplotlib torch
+PIP_PACKAGES := maturin numpy pytest pytest-timeout hypothesis ruff mypy matplotlib torch gymnasium
 
 # cargo lives in ~/.cargo/bin on our machines, which is not always on PATH (CI, sudo, IDEs).
 # The venv's bin comes first so `maturin`, `ruff` and `python` are the venv's own.

@@ -187,7 +187,7 @@ pub struct FanOut {
     pub subscribers_used: AtomicU32,
     pub subscribers: [SubscriberEntry; MAX_SUBSCRIBERS],
     /// Per pending cell (`HandleState::pending`): the subscriber that the pickled
-    /// subscriber handle in that cell keeps alive, `token:23 << 32 | generation:16 << 16 |
+    /// subscriber handle in that cell keeps alive, `token:23 << 40 | generation:31 << 8 |
     /// index` (see `fanout::pin`); stale once the cell no longer holds that token.
     pub pins: [AtomicU64; MAX_PENDING],
 }

@@ -18,7 +18,7 @@ import weakref
 from typing import Any
 
 from . import _tensorslab
-from ._tensorslab import Receiver, Sender
+from ._tensorslab import Handle
 
 # How far into the Process's attributes to look for handles (containers and objects).
 _MAX_DEPTH = 6
@@ -37,9 +37,10 @@ def process_being_forked() -> Any | None:
     return None
 
 
-def handles_in(root: Any) -> list[Sender | Receiver]:
-    """Every Sender and Receiver reachable from ``root`` through containers and attributes."""
-    found: list[Sender | Receiver] = []
+def handles_in(root: Any) -> list[Handle]:
+    """Every handle (Sender, Receiver, Publisher, Subscriber, Writer, Reader) reachable from
+    ``root`` through containers and attributes."""
+    found: list[Handle] = []
     seen: set[int] = set()
     stack: list[tuple[Any, int]] = [(root, 0)]
     while stack and len(seen) < _MAX_OBJECTS:
@@ -47,7 +48,7 @@ def handles_in(root: Any) -> list[Sender | Receiver]:
         if id(value) in seen:
             continue
         seen.add(id(value))
-        if isinstance(value, (Sender, Receiver)):
+        if isinstance(value, Handle):
             found.append(value)
             continue
         if depth >= _MAX_DEPTH or isinstance(value, (str, bytes, int, float, type(None))):
@@ -63,7 +64,7 @@ def handles_in(root: Any) -> list[Sender | Receiver]:
     return found
 
 
-def handed_to_child() -> list[Sender | Receiver] | None:
+def handed_to_child() -> list[Handle] | None:
     """The handles handed to the process being forked, or None after a bare ``os.fork()``."""
     process = process_being_forked()
     if process is None:

@@ -136,24 +136,8 @@ impl Channel {
     pub(super) fn defer(&self, release: Deferred) {
         // `try_lock`: a fork child may inherit the list locked by a thread that does not
         // exist there; then (or while another thread drains) the release just waits.
-        let fans_out = matches!(
-            release,
-            Deferred::Shared(_) | Deferred::FreeShared(_) | Deferred::CloseSubscriber(_)
-        );
-        let mut list = self.deferred.try_lock();
-        // A fan-out release is deferred with the ring lock held, so it cannot run here (the
-        // lock is not reentrant): wait briefly for the list (held only to push or take),
-        // and past that leave the hold to this process's exit (its reaper clears it).
-        for _ in 0..1000 {
-            if list.is_ok() || !fans_out {
-                break;
-            }
-            std::thread::yield_now();
-            list = self.deferred.try_lock();
-        }
-        match list {
+        match self.deferred.try_lock() {
             Ok(mut list) => list.push(release),
-            Err(_) if fans_out => return,
             Err(_) => return self.run(release, None),
         }
         // The watchers sleep on this word: wake ours to run the release now rather than at
@@ -185,6 +169,15 @@ impl Channel {
     pub fn run_deferred(&self) {
         if !self.owned_here() {
             return;
+        }
+        if self.kind().fans_out() {
+            for release in self.take_fan_out_deferred() {
+                if self.run_fan_out(release).is_err() {
+                    // Timed out: try again at the next run.
+                    self.defer_fan_out(release);
+                    break;
+                }
+            }
         }
         let releases = match self.deferred.try_lock() {
             Ok(mut list) if !list.is_empty() => std::mem::take(&mut *list),

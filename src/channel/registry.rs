@@ -79,6 +79,9 @@ pub fn before_fork() {
         let receivers = channel.local[side_index(Side::Receiver)]
             .load(Ordering::Relaxed)
             .min(255) as u8;
+        if channel.kind().fans_out() {
+            channel.pin_for_fork();
+        }
         if senders == 0 && receivers == 0 {
             continue;
         }
@@ -103,6 +106,7 @@ pub fn after_fork_in_parent() {
     if let Some((guard, channels)) = taken {
         for channel in &channels {
             channel.fork_pending.store(0, Ordering::Relaxed);
+            channel.forget_fork_pins();
         }
         drop(guard);
     }
@@ -119,6 +123,9 @@ pub fn after_fork_in_child(count_inherited: bool, adopt: impl FnOnce()) {
         return;
     };
     let me = ProcessId::current();
+    // Per channel (in order): the pins of the subscribers inherited, redeemed once the
+    // handles handed to this child hold them.
+    let mut fork_pins: Vec<Vec<(u64, crate::channel::SubscriberId)>> = vec![];
     for channel in &channels {
         // A child that cannot read its own start time cannot claim a slot honestly: its
         // inherited handles stay unusable here (as when the table is full).
@@ -141,7 +148,11 @@ pub fn after_fork_in_child(count_inherited: bool, adopt: impl FnOnce()) {
                 if let Ok(mut list) = channel.deferred.try_lock() {
                     list.clear();
                 }
-                channel.forget_holds();
+                let pins = channel.forget_holds();
+                for &(pin, _) in &pins {
+                    control.adopt_pending(pin, slot);
+                }
+                fork_pins.push(pins);
                 channel.slab.set_slot(slot);
                 channel.slab.publish_mapped_segments();
                 channel.pid.store(current_pid(), Ordering::Relaxed);
@@ -159,10 +170,29 @@ pub fn after_fork_in_child(count_inherited: bool, adopt: impl FnOnce()) {
                 }
             }
             // No slot: the inherited handles stay unusable here (owned_here() is false).
-            Err(_) => channel.pid.store(0, Ordering::Relaxed),
+            Err(_) => {
+                channel.pid.store(0, Ordering::Relaxed);
+                fork_pins.push(vec![]);
+            }
         }
     }
     adopt();
+    for (channel, pins) in channels.iter().zip(&fork_pins) {
+        for &(pin, subscriber) in pins {
+            // After a bare fork every inherited handle counts here, its subscriber too
+            // (a handed one was opened by `adopt` above).
+            if count_inherited && channel.owned_here() {
+                let _ = channel.open_subscriber(subscriber);
+            }
+            if channel.owned_here() {
+                channel
+                    .control()
+                    .redeem_pending(pin, channel.slab.slot_id(), || {});
+            } else {
+                channel.control().withdraw_pending(pin);
+            }
+        }
+    }
     for channel in &channels {
         let pending = channel.fork_pending.swap(0, Ordering::Relaxed);
         if pending == 0 {

@@ -100,9 +100,11 @@ impl Handle {
         }
         let subscriber_in = self.subscriber_in.load(Ordering::Relaxed);
         if let Some(id) = self.subscriber {
+            // After a bare fork the child took hold of every inherited subscriber already.
             if subscriber_in != here
                 && !self.closed.load(Ordering::Relaxed)
                 && self.channel.owned_here()
+                && !self.channel.counts_inherited()
                 && self
                     .subscriber_in
                     .compare_exchange(subscriber_in, here, Ordering::Relaxed, Ordering::Relaxed)
@@ -147,7 +149,9 @@ impl Handle {
             self.channel.close_handle(self.side);
         }
         if let Some(id) = self.subscriber {
-            if self.subscriber_in.load(Ordering::Relaxed) == self.channel.pid() {
+            if self.subscriber_in.load(Ordering::Relaxed) == self.channel.pid()
+                || self.channel.counts_inherited()
+            {
                 self.channel.close_subscriber(id);
             }
         }

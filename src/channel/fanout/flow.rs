@@ -302,7 +302,7 @@ impl Channel {
     pub(crate) fn release_shared(&self, block: SlabRef) {
         match self.slab.try_lock_ring() {
             Some(_guard) => self.release_shared_locked(block, false),
-            None => self.defer(receive::Deferred::Shared(block)),
+            None => self.defer_fan_out(receive::Deferred::Shared(block)),
         }
     }
 

@@ -89,6 +89,12 @@ pub struct SubscriberId {
 pub(super) struct LocalHolds {
     messages: HashMap<u64, u32>,
     subscribers: HashMap<u16, u32>,
+    /// Pending entries made at a fork in progress, one per subscriber held here: each pins
+    /// its subscriber until the child has taken hold of it (see `pin_for_fork`).
+    fork_pins: Vec<(u64, SubscriberId)>,
+    /// Fan-out releases that found the ring lock busy (here rather than in the channel's
+    /// `deferred` list: this lock can always be had, even in a fork child).
+    deferred: Vec<receive::Deferred>,
 }
 
 /// The lock of this process's `LocalHolds`. Not a `Mutex`: a fork child must be able to
@@ -126,11 +132,20 @@ impl HoldsLock {
         HoldsGuard { lock: self }
     }
 
+    /// The holds in a fork child, whoever held the lock in the parent (see
+    /// `reset_in_child`).
+    fn lock_in_child(&self) -> HoldsGuard<'_> {
+        self.locked.store(false, Ordering::Release);
+        self.lock()
+    }
+
     /// Empties the holds and frees the lock. Only in a fork child, before it starts any
     /// thread: whoever held the lock does not exist there.
     fn reset_in_child(&self) {
-        // SAFETY: the child has one thread, running this: no guard is alive in it.
-        unsafe { *self.holds.get() = LocalHolds::default() };
+        // SAFETY: the child has one thread, running this: no guard is alive in it. The old
+        // maps are leaked, not dropped: a parent thread may have been changing them.
+        let old = unsafe { std::ptr::replace(self.holds.get(), LocalHolds::default()) };
+        std::mem::forget(old);
         self.locked.store(false, Ordering::Release);
     }
 }
@@ -186,9 +201,22 @@ fn active(generation: u32) -> u32 {
     generation << 1 | 1
 }
 
-/// A pin: which subscriber (and generation) the ticket with `token` keeps alive.
+/// A pin: which subscriber (and generation) the ticket with `token` keeps alive:
+/// `token:23 << 40 | generation:31 << 8 | index` (an index is below `MAX_SUBSCRIBERS`).
 fn pin(token: u32, id: SubscriberId) -> u64 {
-    u64::from(token) << 32 | u64::from(id.generation & 0xffff) << 16 | u64::from(id.index)
+    u64::from(token) << 40 | u64::from(id.generation & 0x7fff_ffff) << 8 | u64::from(id.index)
+}
+
+const _: () = assert!(MAX_SUBSCRIBERS <= 256);
+
+/// The token a pin names.
+fn pin_token(word: u64) -> u32 {
+    (word >> 40) as u32
+}
+
+/// A pin without its token: whom it pins.
+fn pinned(word: u64) -> u64 {
+    word & ((1 << 40) - 1)
 }
 
 impl Channel {
@@ -200,9 +228,59 @@ impl Channel {
         self.holds.lock()
     }
 
-    /// Forgets the parent's holds in a fork child (it holds nothing under its own slot).
-    pub(super) fn forget_holds(&self) {
+    /// Forgets the parent's holds in a fork child (it holds nothing under its own slot);
+    /// returns the pending entries that pin the subscribers it inherited, with them.
+    pub(super) fn forget_holds(&self) -> Vec<(u64, SubscriberId)> {
+        let pins = std::mem::take(&mut self.holds.lock_in_child().fork_pins);
         self.holds.reset_in_child();
+        pins
+    }
+
+    /// Before a fork: pins every subscriber this process holds with a pending entry of its
+    /// own, so that the parent closing its handles right after the fork does not end a
+    /// subscriber the child is about to take hold of (the child redeems the entries once it
+    /// has, see `registry::after_fork_in_child`).
+    pub(super) fn pin_for_fork(&self) {
+        let Ok(_guard) = self.fan_out_lock() else {
+            return;
+        };
+        let mut holds = self.holds();
+        let control = self.control();
+        let held: Vec<u16> = holds.subscribers.keys().copied().collect();
+        for index in held {
+            let state = self.entry(index).state.load(Ordering::Relaxed);
+            let id = SubscriberId {
+                index,
+                generation: state >> 1,
+            };
+            let Ok(entry) = control.add_pending(self.slab.slot_id(), 0, 0, random_u64() as u32)
+            else {
+                break;
+            };
+            if let Some(cell) = control.pending_cell(entry) {
+                control.fan_out.pins[cell]
+                    .store(pin(ControlBlock::token_of(entry), id), Ordering::Relaxed);
+            }
+            holds.fork_pins.push((entry, id));
+        }
+    }
+
+    /// Queues a fan-out release that found the ring lock busy (or, for `FreeShared`, the
+    /// heap lock while holding the ring lock); the watcher runs it soon after.
+    pub(in crate::channel) fn defer_fan_out(&self, release: receive::Deferred) {
+        self.holds().deferred.push(release);
+        // The watchers sleep on this word: wake ours to run it now.
+        futex_wake(&self.control().heap.segment_count, i32::MAX);
+    }
+
+    /// The fan-out releases deferred so far (see `defer_fan_out`).
+    pub(in crate::channel) fn take_fan_out_deferred(&self) -> Vec<receive::Deferred> {
+        std::mem::take(&mut self.holds().deferred)
+    }
+
+    /// After a fork, in the parent: the child (if any) redeems the pins.
+    pub(super) fn forget_fork_pins(&self) {
+        self.holds().fork_pins.clear();
     }
 
     /// The ring lock, sweeping first if a dead holder left it broken.
@@ -262,8 +340,15 @@ impl Channel {
         }
         crate::failpoint!("fanout.freeing");
         if !wait {
-            if let Ok(None) = self.slab.try_free_message(block) {
-                self.defer(receive::Deferred::FreeShared(block));
+            match self.slab.try_free_message(block) {
+                Ok(Some(_)) => {}
+                Ok(None) => self.defer_fan_out(receive::Deferred::FreeShared(block)),
+                // Release: pairs with the Acquire swap in `fan_out_lock`.
+                Err(_) => self
+                    .control()
+                    .fan_out
+                    .needs_sweep
+                    .store(1, Ordering::Release),
             }
             return;
         }

@@ -38,8 +38,8 @@ impl Channel {
         control.fan_out.pins.iter().enumerate().any(|(cell, word)| {
             let word = word.load(Ordering::Relaxed);
             word != 0
-                && word & 0xffff_ffff == pin(0, id)
-                && control.pending_token(cell) == (word >> 32) as u32
+                && pinned(word) == pin(0, id)
+                && control.pending_token(cell) == pin_token(word)
         })
     }
 
@@ -97,6 +97,13 @@ impl Channel {
     /// Counts another handle of subscriber `id` in this process (a copy made here, or one
     /// that arrived from another process). `Closed` if the subscriber is gone.
     pub fn open_subscriber(&self, id: SubscriberId) -> Result<()> {
+        // The id may come from a pickle: never index with it unchecked.
+        if usize::from(id.index) >= MAX_SUBSCRIBERS || id.generation == 0 {
+            return Err(Error::Incompatible(format!(
+                "a pickled subscriber names entry {} generation {}, which no broadcast channel has (corrupt pickle?)",
+                id.index, id.generation
+            )));
+        }
         let _guard = self.fan_out_lock()?;
         if !self.is_current(id) {
             return Err(Error::Closed(
@@ -125,7 +132,7 @@ impl Channel {
                 drop(guard);
                 self.wake_publishers();
             }
-            None => self.defer(receive::Deferred::CloseSubscriber(id)),
+            None => self.defer_fan_out(receive::Deferred::CloseSubscriber(id)),
         }
     }
 
