@@ -171,10 +171,13 @@ impl Channel {
             return;
         }
         if self.kind().fans_out() {
-            for release in self.take_fan_out_deferred() {
+            let mut releases = self.take_fan_out_deferred().into_iter();
+            while let Some(release) = releases.next() {
                 if self.run_fan_out(release).is_err() {
-                    // Timed out: try again at the next run.
-                    self.defer_fan_out(release);
+                    // Timed out: this one and the rest wait for the next run.
+                    for release in std::iter::once(release).chain(releases) {
+                        self.defer_fan_out(release);
+                    }
                     break;
                 }
             }

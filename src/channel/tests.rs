@@ -495,7 +495,12 @@ fn a_release_that_finds_the_heap_lock_taken_is_deferred_not_waited_for() {
         holder.join().unwrap(),
         "release_message waited for the heap lock"
     );
+    // Run here, or by the watcher thread the deferral woke (which may still be freeing).
     channel.run_deferred();
+    let started = std::time::Instant::now();
+    while channel.shared_stats().used_blocks != 0 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert_eq!(channel.shared_stats().used_blocks, 0);
     send(&channel, b"usable").unwrap();
     assert_eq!(take(&channel).unwrap(), b"usable");

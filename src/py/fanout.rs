@@ -12,7 +12,7 @@ use pyo3::PyClassInitializer;
 use super::blocking::{deadline, wait, wait_raw};
 use super::encode::Encoder;
 use super::frame::Frame;
-use super::handles::{channel_handle, decode_received, Handle};
+use super::handles::{channel_handle, decode_received, GetError, Handle};
 use crate::channel::{Channel, ChannelOptions, Kind, Received, SubscriberId, Ticket};
 use crate::error::Error;
 use crate::layout::SHARED_PREFIX_LEN;
@@ -175,30 +175,9 @@ impl Subscriber {
 
     fn __next__<'py>(slf: &Bound<'_, Self>, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         match next(slf.as_super().get(), py, true, Deadline::never(), false) {
-            Err(Next::Core(Error::Closed(_))) => Err(PyStopIteration::new_err(())),
+            Err(GetError::Core(Error::Closed(_))) => Err(PyStopIteration::new_err(())),
             other => Ok(other?),
         }
-    }
-}
-
-/// A failed `get`: a core error (kept apart so iteration can tell `Closed`) or a Python one.
-enum Next {
-    Core(Error),
-    Python(PyErr),
-}
-
-impl From<Next> for PyErr {
-    fn from(error: Next) -> PyErr {
-        match error {
-            Next::Core(error) => error.into(),
-            Next::Python(error) => error,
-        }
-    }
-}
-
-impl From<PyErr> for Next {
-    fn from(error: PyErr) -> Next {
-        Next::Python(error)
     }
 }
 
@@ -208,14 +187,14 @@ fn next<'py>(
     block: bool,
     deadline: Deadline,
     copy: bool,
-) -> Result<Bound<'py, PyAny>, Next> {
+) -> Result<Bound<'py, PyAny>, GetError> {
     let channel = handle.open()?;
     let id = subscriber_of(handle);
     let started = Instant::now();
     let received = wait_raw(py, |interrupt| {
         channel.receive_subscriber(id, block, deadline, interrupt)
     })
-    .map_err(Next::Core)?;
+    .map_err(GetError::Core)?;
     Ok(decode(handle, py, channel, received, copy, started)?)
 }
 

@@ -427,14 +427,20 @@ pub(super) fn new_handle(channel: Arc<Channel>, side: Side) -> PyClassInitialize
 }
 
 /// A failed `get`: a core error (kept apart so iteration can tell `Closed`) or a Python one.
-enum GetError {
+pub(super) enum GetError {
     Core(Error),
     Python(PyErr),
 }
 
 impl GetError {
     fn into_pyerr(self, _py: Python<'_>) -> PyErr {
-        match self {
+        self.into()
+    }
+}
+
+impl From<GetError> for PyErr {
+    fn from(error: GetError) -> PyErr {
+        match error {
             GetError::Core(error) => error.into(),
             GetError::Python(error) => error,
         }

@@ -125,35 +125,59 @@ impl Channel {
         interrupt: Interrupt,
     ) -> Result<Received> {
         let _scope = call_scope(deadline, TimeoutKind::Empty);
+        let received = self.take_or_wait(
+            block,
+            deadline,
+            interrupt,
+            |_| self.backlog(id) > 0,
+            || self.try_take(id),
+        )?;
+        received.ok_or_else(|| match block {
+            false => Error::Empty("no new message".into()),
+            true => Error::Empty("no message arrived before the timeout".into()),
+        })
+    }
+
+    /// Runs `take` until it yields, spinning briefly while `ready` says something may be
+    /// there, then sleeping until a publish (or the deadline; `None`). With every publisher
+    /// gone and nothing left, the side's `Closed`/`PeerGone`.
+    fn take_or_wait<T>(
+        &self,
+        block: bool,
+        deadline: Deadline,
+        interrupt: Interrupt,
+        ready: impl Fn(&Ring<'_>) -> bool,
+        take: impl Fn() -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
         self.run_deferred();
-        let attempt = || -> Result<Option<Received>> {
-            if let Some(received) = self.try_take(id)? {
-                return Ok(Some(received));
+        let attempt = || -> Result<Option<T>> {
+            if let Some(taken) = take()? {
+                return Ok(Some(taken));
             }
             if !self.any_open(Side::Sender) {
-                return self
-                    .try_take(id)?
+                return take()?
                     .map(Some)
                     .ok_or_else(|| self.side_gone(Side::Sender));
             }
             Ok(None)
         };
+        if let Some(taken) = attempt()? {
+            return Ok(Some(taken));
+        }
+        if !block {
+            return Ok(None);
+        }
+        if let Some(taken) = self.spin(ready, &take)? {
+            return Ok(Some(taken));
+        }
         let ring_state = &self.control().ring;
-        let received = match attempt()? {
-            Some(received) => Some(received),
-            None if !block => return Err(Error::Empty("no new message".into())),
-            None => match self.spin(|_| self.backlog(id) > 0, || self.try_take(id))? {
-                Some(received) => Some(received),
-                None => self.wait_until(
-                    &ring_state.pushed,
-                    &ring_state.consumers_waiting,
-                    deadline,
-                    interrupt,
-                    attempt,
-                )?,
-            },
-        };
-        received.ok_or_else(|| Error::Empty("no message arrived before the timeout".into()))
+        self.wait_until(
+            &ring_state.pushed,
+            &ring_state.consumers_waiting,
+            deadline,
+            interrupt,
+            attempt,
+        )
     }
 
     pub(crate) fn try_take(&self, id: SubscriberId) -> Result<Option<Received>> {
@@ -196,36 +220,13 @@ impl Channel {
         interrupt: Interrupt,
     ) -> Result<(u64, Received)> {
         let _scope = call_scope(deadline, TimeoutKind::Empty);
-        self.run_deferred();
-        let attempt = || -> Result<Option<(u64, Received)>> {
-            if let Some(taken) = self.try_take_latest(newer_than)? {
-                return Ok(Some(taken));
-            }
-            if !self.any_open(Side::Sender) {
-                return self
-                    .try_take_latest(newer_than)?
-                    .map(Some)
-                    .ok_or_else(|| self.side_gone(Side::Sender));
-            }
-            Ok(None)
-        };
-        let ring_state = &self.control().ring;
-        let taken = match attempt()? {
-            Some(taken) => Some(taken),
-            None => match self.spin(
-                |ring| ring.positions().1 > newer_than,
-                || self.try_take_latest(newer_than),
-            )? {
-                Some(taken) => Some(taken),
-                None => self.wait_until(
-                    &ring_state.pushed,
-                    &ring_state.consumers_waiting,
-                    deadline,
-                    interrupt,
-                    attempt,
-                )?,
-            },
-        };
+        let taken = self.take_or_wait(
+            true,
+            deadline,
+            interrupt,
+            |ring| ring.positions().1 > newer_than,
+            || self.try_take_latest(newer_than),
+        )?;
         taken.ok_or_else(|| {
             Error::Empty(format!(
                 "no version newer than {newer_than} was published before the timeout"
