@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -220,3 +222,24 @@ def test_a_writer_handed_to_a_child_keeps_the_mailbox_open(ctx_name):
     finally:
         child.join()
     assert reader.get(newer_than=1, timeout=TIMEOUT)[0] == 2
+
+
+def test_load_into_from_numpy_arrays_warns_nothing():
+    """A state published as NumPy arrays arrives read-only; loading it must not set off
+    torch's "not writable" warning (checked in a fresh interpreter: torch warns once per
+    process)."""
+    script = (
+        "import numpy as np, torch, tensorslab\n"
+        "w, r = tensorslab.latest()\n"
+        "w.publish({'a': np.arange(4, dtype=np.float32)})\n"
+        "target = {'a': torch.zeros(4)}\n"
+        "assert r.load_into(target) == 1\n"
+        "assert target['a'].tolist() == [0.0, 1.0, 2.0, 3.0]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr

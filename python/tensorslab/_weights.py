@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 
@@ -44,7 +45,11 @@ def load_state(target: Any, state: Any, version: int) -> None:
         if not isinstance(destination, torch.Tensor):
             raise TypeError(f"target[{name!r}] is a {type(destination).__name__}, not a tensor")
         if not isinstance(source, torch.Tensor):
-            source = torch.as_tensor(source)
+            # A read-only NumPy view of the mailbox: torch warns that it cannot make it
+            # read-only, but it is only read from here (copy_ below).
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                source = torch.as_tensor(source)
         if source.shape != destination.shape:
             raise ValueError(
                 f"state[{name!r}] of version {version} has shape {tuple(source.shape)}, "
