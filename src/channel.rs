@@ -494,9 +494,13 @@ impl Channel {
     /// The error for a side with no handle left: `PeerGone` when the last of them died
     /// without closing, `Closed` otherwise.
     pub(crate) fn side_gone(&self, side: Side) -> Error {
-        let (who, rest) = match side {
-            Side::Sender => ("sender", ", and no message is left"),
-            Side::Receiver => ("receiver", ""),
+        let (who, rest) = match (self.kind(), side) {
+            (Kind::Channel, Side::Sender) => ("sender", ", and no message is left"),
+            (Kind::Channel, Side::Receiver) => ("receiver", ""),
+            (Kind::Broadcast { .. }, Side::Sender) => ("publisher", ", and no message is left"),
+            (Kind::Broadcast { .. }, Side::Receiver) => ("subscriber", ""),
+            (Kind::Latest, Side::Sender) => ("writer", ", and no newer version is left"),
+            (Kind::Latest, Side::Receiver) => ("reader", ""),
         };
         match self.control().died_last(side) {
             Some(pid) => Error::PeerGone(format!(

@@ -297,7 +297,7 @@ def test_get_after_every_publisher_closed_and_all_read_raises_closed(ctx_name):
     pub.put(fc.message(3), timeout=TIMEOUT)
     pub.close()
     assert [msg["seq"] for msg in sub] == [0, 1, 2, 3]
-    with pytest.raises(tensorslab.Closed):
+    with pytest.raises(tensorslab.Closed, match="every publisher of this channel"):
         sub.get(timeout=TIMEOUT)
     with pytest.raises(tensorslab.Closed):
         sub.get_nowait()

@@ -196,7 +196,7 @@ def test_get_newer_than_the_last_raises_closed_once_the_writer_is_gone(ctx_name,
     finally:
         child.kill()
     expected = tensorslab.Closed if how == "close" else tensorslab.PeerGone
-    with pytest.raises(expected):
+    with pytest.raises(expected, match="every writer of this channel"):
         reader.get(newer_than=3, timeout=TIMEOUT)
     with pytest.raises(expected):
         reader.load_into(fc.zero_weights(), newer_than=3, timeout=TIMEOUT)
