@@ -134,6 +134,10 @@ def produce_from_queue(queue, count):
     return produce(tx, producer=0, count=count)
 
 
+def get_from_queue(queue):
+    return queue.get(timeout=GET_TIMEOUT)
+
+
 def consume_from_queue(queue):
     rx = queue.get(timeout=GET_TIMEOUT)
     return consume(rx)

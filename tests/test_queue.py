@@ -93,6 +93,28 @@ def test_put_after_close_raises_value_error(kind):
 
 
 @pytest.mark.parametrize("kind", list(QUEUES))
+def test_get_and_put_after_close_raise_value_error_naming_the_queue(kind):
+    q = QUEUES[kind]()
+    q.put("left")
+    q.close()
+    for call in (lambda: q.get(timeout=1), q.get_nowait, lambda: q.put(2), lambda: q.put_nowait(3)):
+        with pytest.raises(ValueError, match="is closed"):
+            call()
+    q.join_thread()
+
+
+@pytest.mark.parametrize("kind", list(QUEUES))
+def test_a_child_still_uses_a_queue_the_parent_closed(kind):
+    """close() is per process: a copy handed to a child keeps working."""
+    q = QUEUES[kind]()
+    q.put(["a", "b"], timeout=10)
+    child = Child("spawn", children.get_from_queue, q).start()
+    q.close()
+    assert child.join() == ["a", "b"]
+    q.join_thread()
+
+
+@pytest.mark.parametrize("kind", list(QUEUES))
 def test_cancel_join_thread(kind):
     q = QUEUES[kind]()
     q.put("left behind")

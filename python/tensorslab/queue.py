@@ -26,27 +26,38 @@ class Queue:
     def __init__(self, maxsize: int = 0, **channel_options: Any) -> None:
         capacity = maxsize if maxsize > 0 else UNBOUNDED_CAPACITY
         self._maxsize = maxsize
+        self._closed = False
         self._tx, self._rx = channel(capacity, **channel_options)
 
     @classmethod
     def _from_handles(cls, maxsize: int, tx: Sender, rx: Receiver) -> Queue:
         queue = cls.__new__(cls)
         queue._maxsize, queue._tx, queue._rx = maxsize, tx, rx
+        queue._closed = False
         return queue
 
     def __reduce__(self):
         return (Queue._from_handles, (self._maxsize, self._tx, self._rx))
 
+    def _check_closed(self) -> None:
+        # As multiprocessing.Queue: after close() this process may neither put nor get.
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        self._check_closed()
         self._tx.put(obj, block, timeout)
 
     def put_nowait(self, obj: Any) -> None:
+        self._check_closed()
         self._tx.put_nowait(obj)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        self._check_closed()
         return self._rx.get(block, timeout)
 
     def get_nowait(self) -> Any:
+        self._check_closed()
         return self._rx.get_nowait()
 
     def qsize(self) -> int:
@@ -59,7 +70,10 @@ class Queue:
         return self._maxsize > 0 and self.qsize() >= self._maxsize
 
     def close(self) -> None:
-        """No more puts from this process (its sender handle closes); gets still work."""
+        """No more puts or gets from this process (both raise ``ValueError``, as with
+        ``multiprocessing.Queue``); its sender handle closes. Copies of the queue in other
+        processes keep working."""
+        self._closed = True
         self._tx.close()
 
     def join_thread(self) -> None:
