@@ -607,3 +607,14 @@ def test_interpreter_exit_with_live_workers(ctx, persistent):
     pids = [int(pid) for pid in done.stdout.split()]
     assert len(pids) == 2
     assert not wait_until_gone(pids)
+
+
+def test_the_loader_is_generic_as_torchs():
+    """`DataLoader[List[Tensor]]` in an annotation evaluated at run time works with torch's
+    loader, so it must with ours (a subclass that drops the type parameter raises
+    TypeError: not a generic class)."""
+    from typing import List
+
+    assert torch.utils.data.DataLoader[List[torch.Tensor]] is not None
+    alias = tensorslab.torch.DataLoader[List[torch.Tensor]]
+    assert alias.__origin__ is tensorslab.torch.DataLoader

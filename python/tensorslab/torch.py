@@ -59,7 +59,7 @@ import os
 import pickle
 import warnings
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's ForkingPickler reductions)
@@ -336,7 +336,12 @@ class _SlabMultiProcessingDataLoaderIter(torch_dataloader._MultiProcessingDataLo
             )
 
 
-class DataLoader(torch_dataloader.DataLoader):
+#: What a loader yields, as torch's own ``DataLoader[T_co]``: ``DataLoader[List[Tensor]]``
+#: in an annotation evaluated at run time works with ours too.
+T_co = TypeVar("T_co", covariant=True)
+
+
+class DataLoader(torch_dataloader.DataLoader[T_co]):
     """``torch.utils.data.DataLoader`` whose workers hand batches over through a tensorslab
     slab (see the module documentation): same arguments, same batches, same errors.
 
