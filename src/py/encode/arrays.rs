@@ -162,6 +162,15 @@ impl<'py> Encoder<'py> {
         };
         let capsule = match source.call_method0(intern!(py, "__dlpack__")) {
             Ok(capsule) => capsule,
+            // Sparse, quantized and nested tensors have no DLPack form: they travel as
+            // torch.multiprocessing moves them, by torch's own reductions (the pickle's
+            // bytes in the slab).
+            Err(_) if !is_plain_tensor(&source)? => {
+                return self.pickle(
+                    value,
+                    "is a sparse, quantized or nested tensor, which DLPack cannot export",
+                )
+            }
             // Conjugate or negative views cannot be exported; materialise them first.
             Err(first) => source
                 .call_method0(intern!(py, "resolve_conj"))
@@ -357,4 +366,13 @@ fn is_c_contiguous(shape: &[usize], strides: &[isize], itemsize: usize) -> bool 
         .iter()
         .zip(strides.iter().zip(expected.iter()))
         .all(|(dim, (have, want))| *dim <= 1 || have == want)
+}
+
+/// A dense, strided, unquantized tensor: the kind DLPack can describe.
+fn is_plain_tensor(tensor: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = tensor.py();
+    let strided = tensor.getattr(intern!(py, "layout"))?.str()?.to_string() == "torch.strided";
+    Ok(strided
+        && !tensor.getattr(intern!(py, "is_quantized"))?.is_truthy()?
+        && !tensor.getattr(intern!(py, "is_nested"))?.is_truthy()?)
 }
