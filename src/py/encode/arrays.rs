@@ -371,7 +371,7 @@ fn is_c_contiguous(shape: &[usize], strides: &[isize], itemsize: usize) -> bool 
 /// A dense, strided, unquantized tensor: the kind DLPack can describe.
 fn is_plain_tensor(tensor: &Bound<'_, PyAny>) -> PyResult<bool> {
     let py = tensor.py();
-    let strided = tensor.getattr(intern!(py, "layout"))?.str()?.to_string() == "torch.strided";
+    let strided = tensor.getattr(intern!(py, "layout"))?.str()? == "torch.strided";
     Ok(strided
         && !tensor.getattr(intern!(py, "is_quantized"))?.is_truthy()?
         && !tensor.getattr(intern!(py, "is_nested"))?.is_truthy()?)
