@@ -115,6 +115,31 @@ def test_a_child_still_uses_a_queue_the_parent_closed(kind):
 
 
 @pytest.mark.parametrize("kind", list(QUEUES))
+def test_a_negative_timeout_is_one_already_past(kind):
+    """multiprocessing.Queue takes a negative timeout as expired (Empty, Full), not as an
+    error."""
+    q = QUEUES[kind](maxsize=1)
+    with pytest.raises(queue.Empty):
+        q.get(timeout=-1)
+    q.put("only")
+    with pytest.raises(queue.Full):
+        q.put("more", timeout=-0.5)
+    assert q.get(timeout=10) == "only"
+    finish(q)
+
+
+@pytest.mark.parametrize("kind", list(QUEUES))
+def test_items_put_before_a_fork_reach_the_child(kind):
+    q = QUEUES[kind]()
+    q.put({"a": np.arange(3)})
+    q.put("b")
+    child = Child("fork", children.get_from_queue, q).start()
+    assert np.array_equal(child.join()["a"], np.arange(3))
+    assert q.get(timeout=10) == "b"
+    finish(q)
+
+
+@pytest.mark.parametrize("kind", list(QUEUES))
 def test_cancel_join_thread(kind):
     q = QUEUES[kind]()
     q.put("left behind")

@@ -16,6 +16,12 @@ from ._tensorslab import Receiver, Sender, channel
 UNBOUNDED_CAPACITY = 65536
 
 
+def _past_is_now(timeout: float | None) -> float | None:
+    """multiprocessing.Queue takes a negative timeout as one already past (``Empty`` or
+    ``Full`` at once); the channel refuses it, so the queue clamps it."""
+    return None if timeout is None else max(timeout, 0.0)
+
+
 class Queue:
     """A process-shared FIFO queue with the interface of ``multiprocessing.Queue``.
 
@@ -46,7 +52,7 @@ class Queue:
 
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         self._check_closed()
-        self._tx.put(obj, block, timeout)
+        self._tx.put(obj, block, _past_is_now(timeout))
 
     def put_nowait(self, obj: Any) -> None:
         self._check_closed()
@@ -54,7 +60,7 @@ class Queue:
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         self._check_closed()
-        return self._rx.get(block, timeout)
+        return self._rx.get(block, _past_is_now(timeout))
 
     def get_nowait(self) -> Any:
         self._check_closed()
