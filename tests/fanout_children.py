@@ -10,40 +10,15 @@ from __future__ import annotations
 
 import pickle
 import resource
-import sys
 import time
-import traceback
 import zlib
 
 import numpy as np
 
 import tensorslab
+from child_runner import run_and_report  # noqa: F401  (re-exported: the entry point)
 
 TIMEOUT = 60
-
-
-def run_and_report(result_path, target, args):
-    """Entry point of every child: run `target`, write its result or traceback.
-
-    As `children.run_and_report` (which this module cannot import without torch).
-    """
-    if "torch" in sys.modules:
-        # A fork child of a process that ran OpenMP-parallel torch ops stays on one thread
-        # (GNU libgomp is not fork-safe); see `children.run_and_report`.
-        sys.modules["torch"].set_num_threads(1)
-    try:
-        outcome = ("ok", target(*args))
-    except BaseException:
-        outcome = ("error", traceback.format_exc())
-    try:
-        with open(result_path, "wb") as file:
-            pickle.dump(outcome, file)
-    except Exception:
-        outcome = ("error", traceback.format_exc())
-        with open(result_path, "wb") as file:
-            pickle.dump(outcome, file)
-    if outcome[0] == "error":
-        sys.exit(1)
 
 
 # --- broadcast messages ---------------------------------------------------------------------

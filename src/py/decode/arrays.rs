@@ -86,17 +86,7 @@ impl<'py> Decoder<'py, '_> {
             let location = self.input.location()?;
             self.check_size(&shape, dtype.itemsize(), location)?;
             let address = self.payload(location)?;
-            match self.lease_object()? {
-                Some(lease) => numpy_view(
-                    py,
-                    &dtype,
-                    &shape,
-                    address,
-                    lease.into_any(),
-                    !self.readonly,
-                )?,
-                None => self.numpy_copy(&dtype, &shape, address)?,
-            }
+            self.numpy_at(&dtype, &shape, address)?
         } else {
             let name = self.input.str_value()?;
             let dtype = dlpack::dtype_of(name)
@@ -157,6 +147,27 @@ impl<'py> Decoder<'py, '_> {
             )));
         }
         Ok(())
+    }
+
+    /// A NumPy array of the payload at `address`: a view held by the message's lease
+    /// (read-only when `readonly`), or a private copy when decoding copies.
+    pub(super) fn numpy_at(
+        &mut self,
+        dtype: &Bound<'py, PyArrayDescr>,
+        shape: &[usize],
+        address: *mut u8,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        match self.lease_object()? {
+            Some(lease) => numpy_view(
+                self.py,
+                dtype,
+                shape,
+                address,
+                lease.into_any(),
+                !self.readonly,
+            ),
+            None => self.numpy_copy(dtype, shape, address),
+        }
     }
 
     pub(super) fn numpy_copy(

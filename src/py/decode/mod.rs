@@ -446,17 +446,7 @@ impl<'py, 'a> Decoder<'py, 'a> {
             let address = self.payload(location)?;
             let dtype = numpy_dtype(py, "|u1")?;
             let shape = [location.nbytes as usize];
-            let buffer = match self.lease_object()? {
-                Some(lease) => numpy_view(
-                    py,
-                    &dtype,
-                    &shape,
-                    address,
-                    lease.into_any(),
-                    !self.readonly,
-                )?,
-                None => self.numpy_copy(&dtype, &shape, address)?,
-            };
+            let buffer = self.numpy_at(&dtype, &shape, address)?;
             buffers.append(buffer)?;
         }
         let kwargs = PyDict::new(py);
