@@ -109,7 +109,11 @@ impl Channel {
 
     /// Retires every mailbox version but the newest. Ring lock held.
     pub(crate) fn retire_older_versions(&self) {
-        while self.kind() == Kind::Latest && self.ring().len() > 1 {
+        // Bounded by the ring's cells, whatever a corrupt `head`/`tail` pair says.
+        for _ in 0..self.ring().cells.len() {
+            if self.kind() != Kind::Latest || self.ring().len() <= 1 {
+                break;
+            }
             self.evict_oldest(true);
         }
     }

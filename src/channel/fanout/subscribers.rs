@@ -215,7 +215,9 @@ impl Channel {
             .min()
             .unwrap_or(tail)
             .min(tail);
-        for _ in head..slowest {
+        // At most one ring's worth: `head` and `tail` are shared memory, and a corrupt
+        // pair must not make this loop 2^64 times.
+        for _ in (head..slowest).take(ring.cells.len()) {
             self.evict_oldest(wait);
         }
         slowest > head
