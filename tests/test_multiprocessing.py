@@ -1,0 +1,657 @@
+"""`tensorslab.multiprocessing`: the names of `multiprocessing`/`torch.multiprocessing`, with
+queues, pipes and pools that carry arrays and tensors through slabs.
+
+The queue and pipe tests follow the behaviours of CPython's own tests
+(`Lib/test/_test_multiprocessing.py`: `_TestQueue`, `TestSimpleQueue`, `_TestConnection`,
+`_TestPoll`, `TestWait`), run across fork and spawn children; "in the slab" is checked by
+the address of what arrived (`mp_children.in_slab`), not by a counter.
+"""
+
+from __future__ import annotations
+
+import array
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue as pyqueue
+import signal
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+import mp_children
+import tensorslab
+import tensorslab.multiprocessing as tmp
+from helpers import Child
+
+METHODS = ("fork", "spawn")
+WAIT = 60
+
+
+# --- the module ----------------------------------------------------------------------------
+
+
+def test_importing_it_imports_neither_torch_nor_numpy():
+    code = (
+        "import sys, tensorslab.multiprocessing;"
+        "print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_multiprocessing_name_is_there_and_only_the_transports_are_ours():
+    ours = {"Queue", "SimpleQueue", "JoinableQueue", "Pipe", "Pool", "get_context"}
+    for name in multiprocessing.__all__:
+        assert name in tmp.__all__, name
+        if name not in ours and name != "reducer":
+            assert getattr(tmp, name) is getattr(multiprocessing, name), name
+    for name in (
+        "spawn",
+        "start_processes",
+        "ProcessContext",
+        "ProcessRaisedException",
+        "ProcessExitedException",
+        "set_sharing_strategy",
+    ):
+        assert name in tmp.__all__, name
+    assert tmp.Queue is tensorslab.Queue
+    assert tmp.Process is multiprocessing.Process
+    assert issubclass(tmp.ProcessRaisedException, tmp.ProcessException)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_context_has_our_transports_and_the_standard_library_for_the_rest(method):
+    ctx = tmp.get_context(method)
+    assert ctx is tmp.get_context(method)
+    assert isinstance(ctx, multiprocessing.context.BaseContext)
+    assert ctx.get_start_method() == method
+    assert ctx.Process is multiprocessing.get_context(method).Process
+    assert isinstance(ctx.Queue(), tensorslab.Queue)
+    assert isinstance(ctx.SimpleQueue(), tmp.SimpleQueue)
+    assert isinstance(ctx.JoinableQueue(), tmp.JoinableQueue)
+    assert all(isinstance(end, tmp.Connection) for end in ctx.Pipe())
+    assert type(ctx.Lock()) is type(multiprocessing.get_context(method).Lock())
+    assert ctx.get_context() is ctx
+
+
+# --- Queue and JoinableQueue (_TestQueue) ---------------------------------------------------
+
+QUEUES = {"Queue": tmp.Queue, "JoinableQueue": tmp.JoinableQueue}
+
+
+@pytest.mark.parametrize("kind", list(QUEUES))
+@pytest.mark.parametrize("method", METHODS)
+def test_put_with_block_and_timeout(kind, method):
+    ctx = tmp.get_context(method)
+    q = getattr(ctx, kind)(6)
+    child_can_start, parent_can_continue = ctx.Event(), ctx.Event()
+    with Child(
+        method, mp_children.get_six_when_told, q, child_can_start, parent_can_continue
+    ) as child:
+        assert q.empty() and not q.full()
+        q.put(1)
+        q.put(2, True)
+        q.put(3, True, None)
+        q.put(4, False)
+        q.put(5, False, None)
+        q.put_nowait(6)
+        assert not q.empty() and q.full() and q.qsize() == 6
+        for call in (
+            lambda: q.put(7, False),
+            lambda: q.put(7, False, None),
+            lambda: q.put_nowait(7),
+            lambda: q.put(7, True, 0.05),
+            lambda: q.put(7, False, 0.05),
+            lambda: q.put(7, True, timeout=0.05),
+        ):
+            with pytest.raises(pyqueue.Full):
+                call()
+        child_can_start.set()
+        assert parent_can_continue.wait(WAIT)
+        assert child.join() == [1, 2, 3, 4, 5, 6]
+    assert q.empty() and not q.full()
+    if kind == "JoinableQueue":
+        for _ in range(6):
+            q.task_done()
+        assert q.join(timeout=WAIT)  # the failed puts were not counted
+
+
+@pytest.mark.parametrize("kind", list(QUEUES))
+@pytest.mark.parametrize("method", METHODS)
+def test_get_with_block_and_timeout(kind, method):
+    ctx = tmp.get_context(method)
+    q = getattr(ctx, kind)()
+    child_can_start, parent_can_continue = ctx.Event(), ctx.Event()
+    with Child(method, mp_children.put_four_when_told, q, child_can_start, parent_can_continue):
+        assert q.empty()
+        child_can_start.set()
+        assert parent_can_continue.wait(WAIT)
+        assert not q.empty()
+        assert q.get(True, None) == 2
+        assert q.get(True) == 3
+        assert q.get(timeout=WAIT) == 4
+        assert q.get_nowait() == 5
+        assert q.empty()
+        for call in (
+            lambda: q.get(False),
+            lambda: q.get(False, None),
+            q.get_nowait,
+            lambda: q.get(True, 0.05),
+            lambda: q.get(False, 0.05),
+            lambda: q.get(timeout=0.05),
+        ):
+            with pytest.raises(pyqueue.Empty):
+                call()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_child_puts_after_the_parent_in_order(method):
+    q = tmp.Queue()
+    for value in range(10):
+        q.put(value)
+    with Child(method, mp_children.put_ten_to_twenty, q):
+        assert [q.get(timeout=WAIT) for _ in range(20)] == list(range(20))
+    with pytest.raises(pyqueue.Empty):
+        q.get(False)
+
+
+@pytest.mark.parametrize("kind", list(QUEUES))
+def test_qsize(kind):
+    q = QUEUES[kind]()
+    assert q.qsize() == 0
+    q.put(1)
+    assert q.qsize() == 1
+    q.put(5)
+    assert q.qsize() == 2
+    q.get(timeout=WAIT)
+    assert q.qsize() == 1
+    q.get(timeout=WAIT)
+    assert q.qsize() == 0
+
+
+class NotSerializable:
+    def __reduce__(self):
+        raise AttributeError("not today")
+
+
+@pytest.mark.parametrize("kind", list(QUEUES))
+def test_an_unpicklable_put_fails_at_once_and_the_queue_keeps_working(kind):
+    """multiprocessing.Queue drops such an item in its feeder thread (and prints); ours has
+    no feeder: the put raises, counts nothing, and the queue goes on (bpo-30414, bpo-33078)."""
+    q = QUEUES[kind](maxsize=1)
+    with pytest.raises(tensorslab.EncodeError, match="pickling it failed"):
+        q.put(NotSerializable())
+    with pytest.raises(tensorslab.EncodeError):
+        q.put(lambda: 1)  # as in the standard library, lambdas do not pickle
+    assert q.qsize() == 0
+    q.put(True)
+    assert q.get(timeout=WAIT) is True
+    assert q.empty()
+    if kind == "JoinableQueue":
+        q.task_done()
+        assert q.join(timeout=WAIT)
+
+
+@pytest.mark.parametrize("kind", list(QUEUES))
+def test_a_closed_queue_refuses_put_and_get(kind):
+    q = QUEUES[kind]()
+    q.close()
+    with pytest.raises(ValueError, match="is closed"):
+        q.put("foo")
+    with pytest.raises(ValueError, match="is closed"):
+        q.get()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_joinable_queue_task_done_and_join_across_processes(method):
+    ctx = tmp.get_context(method)
+    tasks, results = ctx.JoinableQueue(), ctx.Queue()
+    workers = [Child(method, mp_children.work_until_none, tasks, results) for _ in range(2)]
+    joiner = Child(method, mp_children.join_queue, tasks)
+    for worker in workers:
+        worker.start()
+    for index in range(10):
+        tasks.put((index, np.full(1000, index)))
+    assert tasks.join(timeout=WAIT)
+    got = sorted((results.get(timeout=WAIT) for _ in range(10)), key=lambda r: r[0])
+    assert [r[0] for r in got] == list(range(10))
+    assert all(np.array_equal(r[1], np.full(1000, 2 * r[0])) for r in got)
+    assert all(r[2] for r in got), "a task's array did not arrive in the slab"
+    assert all(mp_children.array_in_slab(r[1]) for r in got)
+    del got
+    with joiner:  # join() in a child returns too: nothing is unfinished
+        assert joiner.join() is True
+    for _ in workers:
+        tasks.put(None)
+    assert sum(worker.join() for worker in workers) == 10
+    assert tasks.join(timeout=WAIT)
+
+
+def test_task_done_called_too_many_times():
+    q = tmp.JoinableQueue()
+    q.put(1)
+    q.task_done()
+    with pytest.raises(ValueError, match=r"task_done\(\) called too many times"):
+        q.task_done()
+    assert q.join(timeout=WAIT) and q.qsize() == 1  # counted done, though still queued
+    assert q.get(timeout=WAIT) == 1
+
+
+def test_joinable_queue_goes_to_children_as_an_argument_only():
+    """As the standard library's: its semaphore may only be inherited."""
+    q, carrier = tmp.JoinableQueue(), tmp.Queue()
+    with pytest.raises(tensorslab.EncodeError, match="inheritance"):
+        carrier.put(q)
+
+
+# --- SimpleQueue (TestSimpleQueue) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_simple_queue_empty(method):
+    ctx = tmp.get_context(method)
+    q = ctx.SimpleQueue()
+    child_can_start, parent_can_continue = ctx.Event(), ctx.Event()
+    with Child(method, mp_children.put_emptiness_twice, q, child_can_start, parent_can_continue):
+        assert q.empty()
+        child_can_start.set()
+        assert parent_can_continue.wait(WAIT)
+        assert not q.empty()
+        assert q.get() is True
+        assert q.get() is False
+        assert q.empty()
+
+
+def test_simple_queue_close():
+    q = tmp.SimpleQueue()
+    q.close()
+    q.close()  # twice is fine
+    assert q._reader.closed and q._writer.closed
+    for call in (q.get, lambda: q.put(1), q.empty):
+        with pytest.raises(OSError, match="closed"):
+            call()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_simple_queue_get_gives_eof_once_every_writer_is_gone(method):
+    q = tmp.SimpleQueue()
+    with Child(method, mp_children.put_then_exit, q, [np.arange(3), "last"]):
+        q._writer.close()  # as the pool's worker closes its copy: only the child can put now
+    first = q.get()
+    assert np.array_equal(first, np.arange(3)) and mp_children.array_in_slab(first)
+    assert q.get() == "last"
+    with pytest.raises(EOFError):
+        q.get()
+
+
+def test_simple_queue_put_gives_broken_pipe_once_every_reader_is_gone():
+    q = tmp.SimpleQueue()
+    q._reader.close()
+    with pytest.raises(BrokenPipeError):
+        q.put(1)
+
+
+# --- Pipe (_TestConnection, _TestPoll, TestWait) --------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_connection(method):
+    conn, child_conn = tmp.Pipe()
+    with Child(method, mp_children.echo_bytes_until_empty, child_conn) as child:
+        assert type(conn.fileno()) is int
+        seq = [1, 2.25, None]
+        assert conn.send(seq) is None
+        assert conn.recv() == seq  # the child echoed it as bytes: they unpickle, as in stdlib
+        msg = b"hello world"
+        assert conn.send_bytes(msg) is None
+        assert conn.recv_bytes() == msg
+
+        arr = array.array("i", range(4))
+        buffer = array.array("i", [0] * 10)
+        conn.send_bytes(arr)
+        assert conn.recv_bytes_into(buffer) == len(arr) * buffer.itemsize
+        assert list(buffer) == list(arr) + [0] * 6
+        buffer = array.array("i", [0] * 10)
+        conn.send_bytes(arr)
+        assert conn.recv_bytes_into(buffer, 3 * buffer.itemsize) == len(arr) * buffer.itemsize
+        assert list(buffer) == [0] * 3 + list(arr) + [0] * 3
+        conn.send_bytes(msg * 10)
+        with pytest.raises(multiprocessing.BufferTooShort) as too_short:
+            conn.recv_bytes_into(bytearray(40))
+        assert too_short.value.args == (msg * 10,)
+
+        assert conn.poll() is False
+        assert conn.poll(-1) is False
+        assert conn.poll(0.05) is False
+        conn.send(None)
+        assert conn.poll(WAIT) is True
+        assert conn.recv() is None
+
+        really_big = b"X" * (16 * 1024 * 1024)
+        conn.send_bytes(really_big)
+        assert conn.recv_bytes() == really_big
+        conn.send_bytes(b"")  # tells the child to quit
+        child_conn.close()
+        child.join()
+    assert conn.readable and conn.writable
+    with pytest.raises(EOFError):
+        conn.recv()
+    with pytest.raises(EOFError):
+        conn.recv_bytes()
+    conn.close()
+
+
+def test_duplex_false():
+    reader, writer = tmp.Pipe(duplex=False)
+    assert writer.send(1) is None
+    assert reader.recv() == 1
+    assert (reader.readable, reader.writable, writer.readable, writer.writable) == (
+        True,
+        False,
+        False,
+        True,
+    )
+    for call in (lambda: reader.send(2), writer.recv, writer.poll, lambda: reader.send_bytes(b"")):
+        with pytest.raises(OSError):
+            call()
+
+
+def test_send_bytes_offsets_and_sizes():
+    msg = b"abcdefghijklmnopqrstuvwxyz"
+    a, b = tmp.Pipe()
+    for args, expected in (
+        ((), msg),
+        ((5,), msg[5:]),
+        ((7, 8), msg[7:15]),
+        ((26,), b""),
+        ((26, 0), b""),
+    ):
+        a.send_bytes(msg, *args)
+        assert b.recv_bytes() == expected
+    for args in ((27,), (22, 5), (26, 1), (-1,), (4, -1)):
+        with pytest.raises(ValueError):
+            a.send_bytes(msg, *args)
+
+
+def test_recv_bytes_maxlength_and_pickled_objects():
+    a, b = tmp.Pipe()
+    a.send_bytes(b"12345")
+    with pytest.raises(OSError, match="bad message length"):
+        b.recv_bytes(4)
+    assert not b.readable  # as the standard library's: a bad length ends reading
+    c, d = tmp.Pipe()
+    c.send(list(range(100)))  # an object whose pickle is longer than maxlength
+    with pytest.raises(OSError, match="bad message length"):
+        d.recv_bytes(10)
+    e, f = tmp.Pipe()
+    e.send({"k": [1, 2]})
+    assert multiprocessing.reduction.ForkingPickler.loads(f.recv_bytes()) == {"k": [1, 2]}
+    e.send_bytes(multiprocessing.reduction.ForkingPickler.dumps(("raw", 3)))
+    assert f.recv() == ("raw", 3)
+
+
+def test_context_manager_closes():
+    a, b = tmp.Pipe()
+    with a, b:
+        a.send(1729)
+        assert b.recv() == 1729
+        assert not a.closed and not b.closed
+    assert a.closed and b.closed
+    for call in (a.recv, b.recv, lambda: a.send(1)):
+        with pytest.raises(OSError):
+            call()
+
+
+def test_poll_empty_string_and_message_boundaries():
+    a, b = tmp.Pipe()
+    assert a.poll() is False
+    b.send_bytes(b"")
+    assert a.poll() is True and a.poll() is True
+    assert a.recv_bytes() == b""
+    for data in (b"a", b"b", b"cd"):
+        b.send_bytes(data)
+    b.send([np.arange(2)])
+    assert a.recv_bytes() == b"a"
+    assert a.poll(1.0) and a.poll(0.0)
+    assert a.recv_bytes() == b"b"
+    assert a.recv_bytes() == b"cd"
+    got = a.recv()
+    assert np.array_equal(got[0], np.arange(2))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_poll_strings_from_a_child(method):
+    strings = (b"hello", b"", b"a", b"b", b"", b"bye", b"", b"lop")
+    a, b = tmp.Pipe()
+    with Child(method, mp_children.send_strings, b, strings):
+        b.close()
+        for data in strings:
+            assert a.poll(WAIT)
+            assert a.recv_bytes() == data
+    with pytest.raises(EOFError):
+        a.recv_bytes()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_wait_on_many_pipes_until_eof(method):
+    readers, children = [], []
+    for _ in range(2):
+        r, w = tmp.Pipe(duplex=False)
+        children.append(Child(method, mp_children.send_ten_then_close, w).start())
+        w.close()
+        readers.append(r)
+    messages = []
+    while readers:
+        ready = multiprocessing.connection.wait(readers, timeout=WAIT)
+        assert ready, "no pipe became ready"
+        for r in ready:
+            try:
+                i, pid, values = r.recv()
+            except EOFError:
+                readers.remove(r)
+                r.close()
+            else:
+                assert np.array_equal(values, np.full(100, i)) and mp_children.array_in_slab(values)
+                messages.append((i, pid))
+                del values
+    for child in children:
+        child.join()
+    assert sorted(messages) == sorted((i, child.pid) for i in range(10) for child in children)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_recv_after_the_peer_was_killed_gives_eof(method):
+    a, b = tmp.Pipe()
+    with Child(method, mp_children.send_then_die, b, 3) as child:
+        b.close()
+        got = [a.recv() for _ in range(3)]
+        with pytest.raises(EOFError):
+            a.recv()
+        child.join(expect_exitcode=-signal.SIGKILL)
+    assert [m["i"] for m in got] == [0, 1, 2]
+    assert all(np.array_equal(m["a"], np.arange(m["i"] + 1)) for m in got)
+    with pytest.raises(BrokenPipeError):
+        a.send("nobody reads this")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_arrays_through_a_pipe_arrive_in_the_slab_both_ways(method):
+    use_torch = method == "fork"  # a spawn child importing torch costs seconds
+    if use_torch:
+        import torch
+    a, b = tmp.Pipe()
+    with Child(method, mp_children.echo_objects_until_none, b, use_torch) as child:
+        for i in range(3):
+            tensor = torch.arange(6.0) + i if use_torch else None
+            a.send((np.arange(1000) + i, tensor))
+            doubled, doubled_tensor, (array_in_slab, tensor_in_slab) = a.recv()
+            assert np.array_equal(doubled, (np.arange(1000) + i) * 2)
+            assert array_in_slab and mp_children.array_in_slab(doubled)
+            if use_torch:
+                assert tensor_in_slab and mp_children.tensor_in_slab(doubled_tensor)
+                assert torch.equal(doubled_tensor, (torch.arange(6.0) + i) * 2)
+            del doubled, doubled_tensor
+        a.send(None)
+        assert child.join() == 3
+
+
+def test_a_pipe_end_travels_through_a_queue():
+    a, b = tmp.Pipe()
+    carrier = tmp.Queue()
+    carrier.put(b)
+    with Child("spawn", mp_children.send_on_connection_from_queue, carrier) as child:
+        assert a.poll(WAIT)
+        greeting, pid, values = a.recv()
+        assert (greeting, pid) == ("hello from", child.pid)
+        assert np.array_equal(values, np.arange(5))
+        del values
+    b.close()
+
+
+# --- spawn / start_processes ----------------------------------------------------------------
+
+
+def start(method, fn, args, nprocs):
+    if method == "spawn":
+        return tmp.spawn(fn, args, nprocs=nprocs, join=False)
+    return tmp.start_processes(fn, args, nprocs=nprocs, join=False, start_method=method)
+
+
+def join_until_done(context):
+    for _ in range(10):
+        if context.join(timeout=WAIT):
+            return
+    pytest.fail("processes still running")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_child_exception_is_reraised_with_its_traceback_and_the_others_terminated(method):
+    with tempfile.TemporaryDirectory() as markers:
+        context = start(method, mp_children.fail_one_wait_others, (1, markers), nprocs=3)
+        with pytest.raises(tmp.ProcessRaisedException) as raised:
+            join_until_done(context)
+        started = os.listdir(markers)
+    error = raised.value
+    assert error.error_index == 1 and error.pid == error.error_pid == context.pids()[1]
+    assert "-- Process 1 terminated with the following error:" in str(error)
+    assert "ValueError: boom in process 1" in str(error)
+    assert "mp_children.py" in str(error) and "fail_one_wait_others" in str(error)
+    for index in (0, 2):
+        process = context.processes[index]
+        assert not process.is_alive()
+        # Terminated, unless it had not even started fn when the failure was seen.
+        assert process.exitcode == -signal.SIGTERM or f"started-{index}" not in started
+    assert context.join() is True  # nothing left to wait for
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_child_killed_by_a_signal(method):
+    context = start(method, mp_children.die_by_signal, (0,), nprocs=2)
+    with pytest.raises(tmp.ProcessExitedException) as exited:
+        join_until_done(context)
+    error = exited.value
+    assert (error.error_index, error.exit_code, error.signal_name) == (0, -9, "SIGKILL")
+    assert "terminated with signal SIGKILL" in str(error)
+    assert not context.processes[1].is_alive()
+
+
+def test_a_child_exit_code():
+    with pytest.raises(tmp.ProcessExitedException, match="exit code 3") as exited:
+        tmp.start_processes(mp_children.exit_with, (3,), nprocs=1, start_method="fork")
+    assert exited.value.exit_code == 3 and exited.value.signal_name is None
+
+
+def test_join_false_gives_a_context_to_join():
+    q = tmp.Queue()
+    with pytest.warns(FutureWarning, match="start_processes"):
+        context = tmp.spawn(
+            mp_children.put_index_and_array, (q,), nprocs=2, join=False, start_method="fork"
+        )
+    assert isinstance(context, tmp.ProcessContext)
+    assert len(context.pids()) == 2 and len(context.processes) == 2
+    join_until_done(context)
+    got = sorted((q.get(timeout=WAIT) for _ in range(2)), key=lambda item: item[0])
+    assert [(i, method) for i, _, method in got] == [(0, "spawn"), (1, "spawn")]  # not fork
+    assert np.array_equal(got[1][1], np.full(3, 1)) and mp_children.array_in_slab(got[1][1])
+    assert all(p.exitcode == 0 for p in context.processes)
+
+
+# --- Pool -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pool_map_imap_starmap_apply_async_through_the_slab(method):
+    assert not mp_children.array_in_slab(np.arange(1000))  # the check can tell
+    with tmp.get_context(method).Pool(2) as pool:
+        assert pool.map(mp_children.square, range(10)) == [x * x for x in range(10)]
+        assert pool.map(mp_children.square, range(10), chunksize=3) == [x * x for x in range(10)]
+        assert list(pool.imap(mp_children.square, range(5))) == [0, 1, 4, 9, 16]
+        assert sorted(pool.imap_unordered(mp_children.square, range(5))) == [0, 1, 4, 9, 16]
+        assert pool.starmap(mp_children.multiply, [(1, 2), (3, 4)]) == [2, 12]
+        assert pool.apply(mp_children.multiply, (6, 7)) == 42
+        arrived, plus_one = pool.apply_async(mp_children.where_it_arrived, (np.arange(1000),)).get(
+            WAIT
+        )
+        assert arrived, "the task's array did not arrive in the worker's slab"
+        assert np.array_equal(plus_one, np.arange(1000) + 1) and mp_children.array_in_slab(plus_one)
+        del plus_one
+        if method == "fork":  # tensors too (a spawn worker would have to import torch)
+            import torch
+
+            arrived, result = pool.apply_async(
+                mp_children.tensor_where_it_arrived, (torch.ones(4, 4),)
+            ).get(WAIT)
+            assert arrived and type(result) is torch.Tensor
+            assert torch.equal(result, torch.ones(4, 4) + 1) and mp_children.tensor_in_slab(result)
+            del result
+
+
+@pytest.mark.parametrize("pool_class", [multiprocessing.get_context("fork").Pool, tmp.Pool])
+def test_pool_worker_raising_and_unpicklable_tasks_as_the_standard_library(pool_class):
+    with pool_class(2) as pool:
+        failed = pool.apply_async(mp_children.raise_value_error, (5,))
+        with pytest.raises(ValueError, match="bad value 5") as raised:
+            failed.get(WAIT)
+        assert "raise_value_error" in str(raised.value.__cause__)  # the remote traceback
+        with pytest.raises(ValueError, match="bad value"):
+            pool.map(mp_children.raise_value_error, range(3))
+        with pytest.raises(Exception):  # noqa: B017  (PicklingError there, EncodeError here)
+            pool.apply_async(lambda x: x, (1,)).get(WAIT)
+        assert pool.map(mp_children.square, [3]) == [9]  # still working
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pool_maxtasksperchild_replaces_workers(method):
+    with tmp.get_context(method).Pool(1, maxtasksperchild=2) as pool:
+        pids = pool.map(mp_children.pid_of_worker, range(6), chunksize=1)
+    assert len(set(pids)) == 3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pool_terminate_stops_busy_workers_and_close_join_finishes_work(method):
+    ctx = tmp.get_context(method)
+    pool = ctx.Pool(2)
+    pending = pool.apply_async(mp_children.sleep_long, (0,))
+    workers = list(pool._pool)
+    pool.terminate()
+    pool.join()
+    assert not pending.ready()
+    assert all(not worker.is_alive() for worker in workers)
+
+    pool = ctx.Pool(2)
+    results = pool.map_async(mp_children.square, range(20))
+    pool.close()
+    pool.join()
+    assert results.get(WAIT) == [x * x for x in range(20)]
+    with pytest.raises(ValueError):
+        pool.apply_async(mp_children.square, (1,))
+
+
+def test_pool_accepts_our_context():
+    with tmp.Pool(1, context=tmp.get_context("fork")) as pool:
+        assert pool.map(mp_children.square, [2, 3]) == [4, 9]
