@@ -204,3 +204,9 @@ def raise_value_error(x):
 
 def sleep_long(_):
     time.sleep(WAIT)
+
+
+def send_on_stdlib_connection_from_queue(queue):
+    conn = queue.get(timeout=WAIT)
+    conn.send("hello")
+    conn.close()
