@@ -207,6 +207,30 @@ def test_a_closed_queue_refuses_put_and_get(kind):
         q.get()
 
 
+STDLIB_AND_OURS = {
+    "multiprocessing.Queue": multiprocessing.Queue,
+    "multiprocessing.JoinableQueue": multiprocessing.JoinableQueue,
+    **QUEUES,
+}
+
+
+@pytest.mark.parametrize("kind", list(STDLIB_AND_OURS))
+def test_empty_after_close_as_the_standard_library(kind):
+    """CPython's test_closed_queue_empty_exceptions: close() of a queue this process never
+    put to changes nothing for empty(); once it has put, empty() raises OSError."""
+    unused = STDLIB_AND_OURS[kind]()
+    unused.close()
+    unused.join_thread()
+    assert unused.empty()
+    used = STDLIB_AND_OURS[kind]()
+    used.put("foo")
+    used.close()
+    used.join_thread()
+    with pytest.raises(OSError, match="is closed"):
+        used.empty()
+    assert used.qsize() == 1
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_joinable_queue_task_done_and_join_across_processes(method):
     ctx = tmp.get_context(method)
