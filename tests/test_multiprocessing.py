@@ -322,10 +322,14 @@ def test_simple_queue_put_gives_broken_pipe_once_every_reader_is_gone():
 
 # --- Pipe (_TestConnection, _TestPoll, TestWait) --------------------------------------------
 
+# The tests that hold for both run against both: a difference shows as one of a pair failing.
+PIPES = {"multiprocessing": multiprocessing.Pipe, "tensorslab": tmp.Pipe}
+
 
 @pytest.mark.parametrize("method", METHODS)
-def test_connection(method):
-    conn, child_conn = tmp.Pipe()
+@pytest.mark.parametrize("kind", list(PIPES))
+def test_connection(kind, method):
+    conn, child_conn = PIPES[kind]()
     with Child(method, mp_children.echo_bytes_until_empty, child_conn) as child:
         assert type(conn.fileno()) is int
         seq = [1, 2.25, None]
@@ -370,8 +374,9 @@ def test_connection(method):
     conn.close()
 
 
-def test_duplex_false():
-    reader, writer = tmp.Pipe(duplex=False)
+@pytest.mark.parametrize("kind", list(PIPES))
+def test_duplex_false(kind):
+    reader, writer = PIPES[kind](duplex=False)
     assert writer.send(1) is None
     assert reader.recv() == 1
     assert (reader.readable, reader.writable, writer.readable, writer.writable) == (
@@ -385,9 +390,10 @@ def test_duplex_false():
             call()
 
 
-def test_send_bytes_offsets_and_sizes():
+@pytest.mark.parametrize("kind", list(PIPES))
+def test_send_bytes_offsets_and_sizes(kind):
     msg = b"abcdefghijklmnopqrstuvwxyz"
-    a, b = tmp.Pipe()
+    a, b = PIPES[kind]()
     for args, expected in (
         ((), msg),
         ((5,), msg[5:]),
@@ -402,25 +408,27 @@ def test_send_bytes_offsets_and_sizes():
             a.send_bytes(msg, *args)
 
 
-def test_recv_bytes_maxlength_and_pickled_objects():
-    a, b = tmp.Pipe()
+@pytest.mark.parametrize("kind", list(PIPES))
+def test_recv_bytes_maxlength_and_pickled_objects(kind):
+    a, b = PIPES[kind]()
     a.send_bytes(b"12345")
     with pytest.raises(OSError, match="bad message length"):
         b.recv_bytes(4)
     assert not b.readable  # as the standard library's: a bad length ends reading
-    c, d = tmp.Pipe()
+    c, d = PIPES[kind]()
     c.send(list(range(100)))  # an object whose pickle is longer than maxlength
     with pytest.raises(OSError, match="bad message length"):
         d.recv_bytes(10)
-    e, f = tmp.Pipe()
+    e, f = PIPES[kind]()
     e.send({"k": [1, 2]})
     assert multiprocessing.reduction.ForkingPickler.loads(f.recv_bytes()) == {"k": [1, 2]}
     e.send_bytes(multiprocessing.reduction.ForkingPickler.dumps(("raw", 3)))
     assert f.recv() == ("raw", 3)
 
 
-def test_context_manager_closes():
-    a, b = tmp.Pipe()
+@pytest.mark.parametrize("kind", list(PIPES))
+def test_context_manager_closes(kind):
+    a, b = PIPES[kind]()
     with a, b:
         a.send(1729)
         assert b.recv() == 1729
@@ -431,8 +439,9 @@ def test_context_manager_closes():
             call()
 
 
-def test_poll_empty_string_and_message_boundaries():
-    a, b = tmp.Pipe()
+@pytest.mark.parametrize("kind", list(PIPES))
+def test_poll_empty_string_and_message_boundaries(kind):
+    a, b = PIPES[kind]()
     assert a.poll() is False
     b.send_bytes(b"")
     assert a.poll() is True and a.poll() is True
