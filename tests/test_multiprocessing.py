@@ -495,6 +495,29 @@ def test_wait_on_many_pipes_until_eof(method):
     for child in children:
         child.join()
     assert sorted(messages) == sorted((i, child.pid) for i in range(10) for child in children)
+    for child in children:  # each sender's messages in the order it sent them
+        assert [i for i, pid in messages if pid == child.pid] == list(range(10))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_sending_on_one_end_each_message_arrives_once_in_order(method):
+    r, w = tmp.Pipe(duplex=False)
+    children = [Child(method, mp_children.send_ten_then_close, w).start() for _ in range(2)]
+    w.close()
+    messages = []
+    while True:
+        assert r.poll(WAIT), "neither sender sent or closed"
+        try:
+            i, pid, values = r.recv()
+        except EOFError:
+            break
+        assert np.array_equal(values, np.full(100, i))
+        messages.append((i, pid))
+        del values
+    for child in children:
+        child.join()
+        assert [i for i, pid in messages if pid == child.pid] == list(range(10))
+    assert len(messages) == 20
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -591,6 +614,20 @@ def test_a_child_killed_by_a_signal(method):
     assert (error.error_index, error.exit_code, error.signal_name) == (0, -9, "SIGKILL")
     assert "terminated with signal SIGKILL" in str(error)
     assert not context.processes[1].is_alive()
+
+
+def test_the_exceptions_pickle_with_their_fields():
+    import pickle
+
+    raised = pickle.loads(pickle.dumps(tmp.ProcessRaisedException("trace", 2, 1234)))
+    assert (type(raised), str(raised), raised.error_index, raised.pid) == (
+        tmp.ProcessRaisedException,
+        "trace",
+        2,
+        1234,
+    )
+    exited = pickle.loads(pickle.dumps(tmp.ProcessExitedException("m", 0, 99, -9, "SIGKILL")))
+    assert (exited.error_pid, exited.exit_code, exited.signal_name) == (99, -9, "SIGKILL")
 
 
 def test_a_child_exit_code():
