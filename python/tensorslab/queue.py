@@ -50,12 +50,17 @@ class Queue:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
 
+    #: Whether this process has put (see ``empty``).
+    _put_here = False
+
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         self._check_closed()
+        self._put_here = True
         self._tx.put(obj, block, _past_is_now(timeout))
 
     def put_nowait(self, obj: Any) -> None:
         self._check_closed()
+        self._put_here = True
         self._tx.put_nowait(obj)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
@@ -70,6 +75,10 @@ class Queue:
         return self._rx.qsize()
 
     def empty(self) -> bool:
+        # multiprocessing.Queue.close() closes the reader once this process has put (its
+        # feeder thread started), so empty() raises then; before any put it still answers.
+        if self._closed and self._put_here:
+            raise OSError(f"{self!r}: handle is closed")
         return self.qsize() == 0
 
     def full(self) -> bool:
