@@ -41,6 +41,7 @@ from .exceptions import (
     TensorslabError,
 )
 from .queue import Queue
+from ._share import share
 
 __version__ = _tensorslab.__version__
 
@@ -81,4 +82,5 @@ __all__ = [
     "dumps",
     "latest",
     "loads",
+    "share",
 ]
