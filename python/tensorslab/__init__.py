@@ -15,6 +15,7 @@ import os
 
 from . import _tensorslab
 from ._fork import handed_to_child
+from ._share import share
 from ._tensorslab import (
     Publisher,
     Reader,
@@ -41,7 +42,6 @@ from .exceptions import (
     TensorslabError,
 )
 from .queue import Queue
-from ._share import share
 
 __version__ = _tensorslab.__version__
 

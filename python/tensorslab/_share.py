@@ -227,9 +227,7 @@ def _rebuild_array(reference, offset, dtype, shape, strides, writeable):
     numpy = sys.modules.get("numpy") or __import__("numpy")
     segment = _segment(_tensorslab._share_attach(reference))
     # The constructor checks that every element lies inside the segment.
-    array = numpy.ndarray(
-        shape, dtype, buffer=segment.array(), offset=offset, strides=strides
-    )
+    array = numpy.ndarray(shape, dtype, buffer=segment.array(), offset=offset, strides=strides)
     if not writeable:
         array.flags.writeable = False
     return array
