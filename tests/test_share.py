@@ -108,11 +108,28 @@ def test_a_reference_carries_no_data():
     assert len(tensorslab.dumps(tensor)) < 1024
     back = tensorslab.loads(tensorslab.dumps({"t": tensor}), allow_pickle=True)["t"]
     assert back.data_ptr() == tensor.data_ptr(), "mapped a second time in the same process"
+    tx, rx = tensorslab.channel()
+    with tx, rx:
+        tx.put({"t": tensor, "view": tensor[2:]})
+        assert tx.stats()["bytes_sent"] < 1024, "the channel copied the tensor"
+        got = rx.get(timeout=WAIT)
+        assert got["view"].data_ptr() == tensor.data_ptr() + 8
+        del got
     sending, receiving = mp.Pipe()
     with sending, receiving:
         sending.send(tensor[1:])
         assert receiving.poll(WAIT)
         assert receiving.recv().data_ptr() == tensor.data_ptr() + 4
+
+
+def test_other_tensors_travel_as_before_while_a_segment_is_live():
+    shared = tensorslab.share(torch.ones(3))
+    sparse, plain, array = torch.eye(3).to_sparse(), torch.arange(4), np.arange(3)
+    back = tensorslab.loads(tensorslab.dumps([sparse, plain, array]), allow_pickle=True)
+    assert torch.equal(back[0].to_dense(), torch.eye(3))
+    assert torch.equal(back[1], plain) and back[1].data_ptr() != plain.data_ptr()
+    np.testing.assert_array_equal(back[2], array)
+    del shared
 
 
 def test_loads_without_allow_pickle_refuses_a_reference():

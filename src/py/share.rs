@@ -5,6 +5,7 @@
 //! while any view lives, and is unmapped (its descriptor closed) when the last one dies.
 use std::sync::Arc;
 
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 
@@ -152,15 +153,35 @@ pub fn _share_live() -> usize {
     shared::live()
 }
 
-/// The pickle-ready reference of `value` when its memory lies in a shared segment (None
-/// otherwise), from `tensorslab._share._reference`. What the encoder sends instead of a
-/// copy; only asked when this process maps a shared segment at all.
-pub(super) fn reference_for<'py>(value: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+/// The pickle-ready reference of `value` (a tensor or NumPy array whose elements start at
+/// `address`; None: ask the tensor's `data_ptr()`) when its memory lies in a shared
+/// segment, from `tensorslab._share._reference`; None otherwise. What the encoder sends
+/// instead of a copy. A process that maps no shared segment pays one relaxed load; one that
+/// does, a `data_ptr()` call and a registry lookup per tensor, and the Python call only for
+/// a tensor that is shared.
+pub(super) fn reference_for<'py>(
+    value: &Bound<'py, PyAny>,
+    address: Option<usize>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
     static REFERENCE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     if shared::live() == 0 {
         return Ok(None);
     }
     let py = value.py();
+    let address = match address {
+        Some(address) => address,
+        // A tensor without storage (sparse, nested) has no data pointer: not shared.
+        None => match value
+            .call_method0(intern!(py, "data_ptr"))
+            .and_then(|pointer| pointer.extract::<usize>())
+        {
+            Ok(address) => address,
+            Err(_) => return Ok(None),
+        },
+    };
+    if Shared::find(address, 0).is_none() {
+        return Ok(None);
+    }
     let function = REFERENCE.get_or_try_init(py, || {
         Ok::<_, PyErr>(
             py.import("tensorslab._share")?

@@ -132,8 +132,10 @@ impl<'py> Encoder<'py> {
         if dtype.has_object() {
             return self.pickle(value, "is a NumPy array of Python objects");
         }
+        // SAFETY: `as_array_ptr` is the live array object; `data` is its buffer address.
+        let address = unsafe { (*array.as_array_ptr()).fields.data } as *const u8;
         // Before `seen`: an array sent as a pickle takes no index among the message's arrays.
-        if let Some(reference) = reference_for(value)? {
+        if let Some(reference) = reference_for(value, Some(address as usize))? {
             return self.pickle(&reference, SHARED_REFERENCE);
         }
         if self.seen(identity)? {
@@ -145,8 +147,6 @@ impl<'py> Encoder<'py> {
         self.out.u8(0);
         self.dtype(&dtype)?;
         let shape = array.shape().to_vec();
-        // SAFETY: `as_array_ptr` is the live array object; `data` is its buffer address.
-        let address = unsafe { (*array.as_array_ptr()).fields.data } as *const u8;
         let strides = Strides::Bytes(array.strides().to_vec());
         self.array_body(
             "array",
@@ -161,7 +161,7 @@ impl<'py> Encoder<'py> {
     pub(super) fn tensor(&mut self, value: &Bound<'py, PyAny>, kind: ArrayKind) -> Step {
         let py = self.py;
         // Before `seen`: a tensor sent as a pickle takes no index among the message's arrays.
-        if let Some(reference) = reference_for(value)? {
+        if let Some(reference) = reference_for(value, None)? {
             return self.pickle(&reference, SHARED_REFERENCE);
         }
         if self.seen(value)? {
