@@ -86,3 +86,13 @@ def hold_until_killed(obj, ready):
     ready.set()
     time.sleep(WAIT)
     return tensors_of(obj)[0].tolist()
+
+
+def receive_module_and_bump(source, delta, done):
+    """Get a module from `source`, add `delta` to its parameters in place, set `done`."""
+    model = source.get(timeout=WAIT)
+    with torch.no_grad():
+        for tensor in model.parameters():
+            tensor.add_(delta)
+    done.set()
+    return [tensor.tolist() for tensor in model.parameters()]

@@ -236,6 +236,23 @@ def test_a_queue_hands_over_the_same_memory(method, queue):
         source.join_thread()
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_module_through_a_tensorslab_queue_stays_shared(method):
+    # A module has no tensorslab encoding: it is pickled, and its shared parameters must
+    # still travel as references inside that pickle.
+    ctx = mp.get_context(method)
+    model = tensorslab.share(torch.nn.Linear(2, 1))
+    with torch.no_grad():
+        for tensor in model.parameters():
+            tensor.zero_()
+    source, done = tensorslab.Queue(), ctx.Event()
+    with Child(method, share_children.receive_module_and_bump, source, 1.0, done) as child:
+        source.put(model)
+        assert done.wait(WAIT)
+        assert [t.tolist() for t in model.parameters()] == [[[1.0, 1.0]], [1.0]]
+        child.join()
+
+
 @pytest.mark.parametrize("torch_first", [True, False], ids=["torch-mp-first", "tensorslab-first"])
 def test_either_import_order_of_torch_multiprocessing(torch_first, tmp_path):
     """A fresh interpreter imports the two in a given order, then sends a shared tensor and

@@ -16,7 +16,9 @@ How references travel:
   where `torch.multiprocessing` registers its own reducers. Neither import order can
   override the other (torch registers into the table, we never do).
 - A tensorslab channel's encoder asks `_reference` before exporting a tensor or array (only
-  when this process maps a shared segment at all), and pickles the reference it returns:
+  when this process maps a shared segment at all), and pickles the reference it returns;
+  what it pickles for other reasons (a module) it pickles with `_dumps`, whose pickler
+  turns the shared tensors inside into references too:
   a receiver rebuilds it with `_rebuild_tensor` / `_rebuild_array`, which attach the
   segment and build views; nothing else runs. `loads(allow_pickle=False)` refuses it as it
   refuses every pickle.
@@ -29,6 +31,8 @@ receiver got it), rebuilding raises `tensorslab.PeerGone`: the memory is gone wi
 
 from __future__ import annotations
 
+import io
+import pickle
 import sys
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
@@ -231,6 +235,22 @@ def _rebuild_array(reference, offset, dtype, shape, strides, writeable):
     if not writeable:
         array.flags.writeable = False
     return array
+
+
+class _Pickler(pickle.Pickler):
+    """The channel encoder's pickler while this process maps a shared segment: shared
+    tensors and arrays inside a pickled object (a module's parameters) become references;
+    everything else pickles as `pickle.dumps` pickles it."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        reduced = _reduction(obj) if _tensorslab._share_live() else None
+        return NotImplemented if reduced is None else reduced
+
+
+def _dumps(obj: Any, protocol: int = 5, buffer_callback: Any = None) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=protocol, buffer_callback=buffer_callback).dump(obj)
+    return buffer.getvalue()
 
 
 # ---- the multiprocessing reducer ----

@@ -192,3 +192,17 @@ pub(super) fn reference_for<'py>(
     let found = function.bind(py).call1((value,))?;
     Ok(if found.is_none() { None } else { Some(found) })
 }
+
+/// `tensorslab._share._dumps` (`pickle.dumps` whose pickler turns shared tensors and arrays
+/// into references) while this process maps a shared segment; None otherwise (plain
+/// `pickle.dumps` will do).
+pub(super) fn pickle_dumps(py: Python<'_>) -> PyResult<Option<Bound<'_, PyAny>>> {
+    static DUMPS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    if shared::live() == 0 {
+        return Ok(None);
+    }
+    let dumps = DUMPS.get_or_try_init(py, || {
+        Ok::<_, PyErr>(py.import("tensorslab._share")?.getattr("_dumps")?.unbind())
+    })?;
+    Ok(Some(dumps.bind(py).clone()))
+}
