@@ -3,9 +3,11 @@
 //!
 //! Unlike a channel's slab, a shared segment belongs to no channel and is never recycled: it
 //! is one memfd (see [`crate::shm`]) made for one `share` call, sized for every tensor of
-//! that call, each 64-byte aligned in it. It is freed by the kernel when the last process
-//! that maps it or holds its descriptor is gone; nothing of it is named in a file system, so
-//! a crash (SIGKILL included) cannot leak it.
+//! that call, each 64-byte aligned in it, and named `tensorslab-<random id>-0` (the form of
+//! a channel's first slab segment, so `tensorslab.testing` finds a leaked one like any
+//! other). The kernel frees it when the last process that maps it or holds its descriptor
+//! is gone; nothing of it is named in a file system, so a crash (SIGKILL included) cannot
+//! leak it.
 //!
 //! Each process holds a shared segment through one [`Shared`] (one descriptor, one mapping)
 //! however many tensors view it: a process-local registry finds the `Shared` of an address

@@ -186,7 +186,7 @@ def test_bad_input_is_a_specific_error():
 # --- across processes --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, "forkserver"])
 def test_in_place_updates_are_seen_both_ways(method):
     ctx = mp.get_context(method)
     model = tensorslab.share(torch.nn.Linear(3, 2))

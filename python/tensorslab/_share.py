@@ -16,12 +16,12 @@ How references travel:
   where `torch.multiprocessing` registers its own reducers. Neither import order can
   override the other (torch registers into the table, we never do).
 - A tensorslab channel's encoder asks `_reference` before exporting a tensor or array (only
-  when this process maps a shared segment at all), and pickles the reference it returns;
+  when this process maps a shared segment at all) and pickles the reference it returns;
   what it pickles for other reasons (a module) it pickles with `_dumps`, whose pickler
-  turns the shared tensors inside into references too:
-  a receiver rebuilds it with `_rebuild_tensor` / `_rebuild_array`, which attach the
-  segment and build views; nothing else runs. `loads(allow_pickle=False)` refuses it as it
-  refuses every pickle.
+  turns the shared tensors inside into references too. A reference unpickles through
+  `_rebuild_tensor` / `_rebuild_array`, which only attach the segment and build a view.
+  Channel receivers unpickle (see the README, "What decoding may build");
+  `loads(allow_pickle=False)` refuses a reference as it refuses every pickle.
 
 A reference names the sending process and the processes it knows held the segment before
 (its creator first); the receiver attaches through `/proc/<pid>/fd/<fd>` of the first that
