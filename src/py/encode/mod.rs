@@ -578,21 +578,22 @@ impl<'py> Encoder<'py> {
         kwargs.set_item("protocol", 5)?;
         kwargs.set_item("buffer_callback", buffers.getattr("append")?)?;
         // Shared tensors inside the pickle (a module's parameters) must stay references.
-        let dumps = match super::share::pickle_dumps(py)? {
-            Some(dumps) => dumps,
-            None => self.types.pickle_dumps.bind(py).clone(),
-        };
-        let data = dumps.call((value,), Some(&kwargs)).map_err(|error| {
-            let message = format!(
-                "cannot send object of type {}: it {why}, and pickling it failed: {}",
-                type_name(value),
-                error.value(py)
-            );
-            Failure {
-                cause: Some(Box::new(error)),
-                ..Failure::new(message)
-            }
-        })?;
+        let shared_dumps = super::share::pickle_dumps(py)?;
+        let data = shared_dumps
+            .as_ref()
+            .unwrap_or(self.types.pickle_dumps.bind(py))
+            .call((value,), Some(&kwargs))
+            .map_err(|error| {
+                let message = format!(
+                    "cannot send object of type {}: it {why}, and pickling it failed: {}",
+                    type_name(value),
+                    error.value(py)
+                );
+                Failure {
+                    cause: Some(Box::new(error)),
+                    ..Failure::new(message)
+                }
+            })?;
         self.flags |= FLAG_PICKLE;
         self.out.tag(Tag::Pickle);
         let bytes = data.cast::<PyBytes>().map_err(PyErr::from)?;
