@@ -258,10 +258,15 @@ def test_either_import_order_of_torch_multiprocessing(torch_first, tmp_path):
     """A fresh interpreter imports the two in a given order, then sends a shared tensor and
     a plain one to a spawn child through a multiprocessing queue. The shared one must come
     back as a reference to our segment; the plain one as torch.multiprocessing sends it
-    (it moves the tensor into its own shared memory, so the child's write shows too)."""
+    (it moves the tensor into its own shared memory, so the child's write shows too).
+
+    `import torch` imports torch.multiprocessing, so torch's reducers are registered before
+    any `share`; the tensorslab-first script also registers them again after `share`, as
+    a later `init_reductions()` would."""
     imports = ["import torch.multiprocessing", "import tensorslab"]
     script = tmp_path / "import_order.py"
-    script.write_text("\n".join([*(imports if torch_first else imports[::-1]), SCRIPT]))
+    first = f"TENSORSLAB_FIRST = {not torch_first}"
+    script.write_text("\n".join([first, *(imports if torch_first else imports[::-1]), SCRIPT]))
     result = subprocess.run(
         [sys.executable, str(script)],
         capture_output=True,
@@ -291,6 +296,8 @@ SCRIPT = textwrap.dedent(
         ctx = mp.get_context("spawn")
         q, done = ctx.Queue(), ctx.Queue()
         shared, plain = tensorslab.share(torch.zeros(2)), torch.zeros(2)
+        if TENSORSLAB_FIRST:
+            torch.multiprocessing.reductions.init_reductions()
         p = ctx.Process(target=child, args=(q, done))
         p.start()
         q.put((shared, plain))
