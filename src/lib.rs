@@ -5,7 +5,7 @@
 //! `python` feature. Layers point one way:
 //!
 //! ```text
-//! shm (OS segments) -> layout, lock, heap, ring, procs (structures over offsets)
+//! shm (OS segments) -> layout, lock, heap, ring, procs (structures over offsets), shared
 //!                   -> header (wire format) -> channel (composes them) -> py (binding)
 //! ```
 //!
@@ -26,6 +26,7 @@ pub mod layout;
 pub mod lock;
 pub mod procs;
 pub mod ring;
+pub mod shared;
 pub mod shm;
 pub mod slab;
 pub mod sync;

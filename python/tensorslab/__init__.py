@@ -15,6 +15,7 @@ import os
 
 from . import _tensorslab
 from ._fork import handed_to_child
+from ._share import share
 from ._tensorslab import (
     Publisher,
     Reader,
@@ -81,4 +82,5 @@ __all__ = [
     "dumps",
     "latest",
     "loads",
+    "share",
 ]

@@ -15,6 +15,7 @@ __all__ = [
     "Reader",
     "Receiver",
     "Sender",
+    "SharedSegment",
     "Subscriber",
     "Writer",
     "__version__",
@@ -24,6 +25,11 @@ __all__ = [
     "_drop_ticket",
     "_rebuild",
     "_rebuild_subscriber",
+    "_share_attach",
+    "_share_create",
+    "_share_find",
+    "_share_layout",
+    "_share_live",
     "broadcast",
     "channel",
     "dumps",
@@ -247,3 +253,39 @@ def _before_fork() -> None: ...
 def _after_fork_in_parent() -> None: ...
 def _after_fork_in_child(handed: list[Sender | Receiver] | None = None) -> None: ...
 
+
+# ---- shared segments (tensorslab.share; see python/tensorslab/_share.py) ----
+
+_SharedReference = tuple[list[tuple[int, int]], int, int, int]
+
+@final
+class SharedSegment:
+    """One process's hold on a ``tensorslab.share`` segment: a memfd mapped once. Every
+    view made from ``__dlpack__`` keeps it mapped; the last one to die unmaps it."""
+
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: Any = None,
+        dl_device: Any = None,
+        copy: bool | None = None,
+    ) -> Any:
+        """The whole segment as a flat ``uint8`` DLPack tensor (never a copy)."""
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+    def array(self) -> Any:
+        """The whole segment as a flat, writable ``uint8`` NumPy array."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes mapped (a multiple of 64)."""
+    @property
+    def address(self) -> int:
+        """Address of the mapping in this process."""
+    def reference(self) -> _SharedReference:
+        """``([(pid, fd), ...], nbytes, device, inode)``: what ``_share_attach`` takes."""
+
+def _share_create(nbytes: int) -> SharedSegment: ...
+def _share_attach(reference: _SharedReference) -> SharedSegment: ...
+def _share_find(address: int, nbytes: int) -> tuple[SharedSegment, int] | None: ...
+def _share_layout(sizes: list[int]) -> tuple[list[int], int]: ...
+def _share_live() -> int: ...

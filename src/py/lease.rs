@@ -70,6 +70,8 @@ impl Drop for AllocLease {
 pub enum Keeper {
     Message(Arc<MessageLease>),
     Alloc(Arc<AllocLease>),
+    /// A `tensorslab.share` segment (`crate::shared`), never recycled.
+    Shared(Arc<crate::shared::Shared>),
     /// A private copy (`get(copy=True)`, `loads`), 64-byte aligned.
     Owned(Vec<Aligned>),
 }

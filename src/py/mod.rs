@@ -12,6 +12,7 @@ mod fanout;
 mod frame;
 mod handles;
 mod lease;
+mod share;
 mod types;
 
 #[pymodule]
@@ -37,5 +38,11 @@ fn _tensorslab(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(handles::_before_fork, m)?)?;
     m.add_function(wrap_pyfunction!(handles::_after_fork_in_parent, m)?)?;
     m.add_function(wrap_pyfunction!(handles::_after_fork_in_child, m)?)?;
+    m.add_class::<share::SharedSegment>()?;
+    m.add_function(wrap_pyfunction!(share::_share_create, m)?)?;
+    m.add_function(wrap_pyfunction!(share::_share_attach, m)?)?;
+    m.add_function(wrap_pyfunction!(share::_share_find, m)?)?;
+    m.add_function(wrap_pyfunction!(share::_share_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(share::_share_live, m)?)?;
     Ok(())
 }

@@ -13,6 +13,11 @@ use crate::header::{
 };
 use crate::py::dlpack::{self, DEVICE_CPU};
 use crate::py::lease::find_alloc;
+use crate::py::share::reference_for;
+
+/// Why a shared tensor or array is pickled: its pickle is a reference, never a copy.
+const SHARED_REFERENCE: &str =
+    "lies in a tensorslab.share segment, and travels as a pickled reference to that memory";
 
 /// How an array's strides were given.
 pub(super) enum Strides {
@@ -127,6 +132,12 @@ impl<'py> Encoder<'py> {
         if dtype.has_object() {
             return self.pickle(value, "is a NumPy array of Python objects");
         }
+        // SAFETY: `as_array_ptr` is the live array object; `data` is its buffer address.
+        let address = unsafe { (*array.as_array_ptr()).fields.data } as *const u8;
+        // Before `seen`: an array sent as a pickle takes no index among the message's arrays.
+        if let Some(reference) = reference_for(value, Some(address as usize))? {
+            return self.pickle(&reference, SHARED_REFERENCE);
+        }
         if self.seen(identity)? {
             return Ok(());
         }
@@ -136,8 +147,6 @@ impl<'py> Encoder<'py> {
         self.out.u8(0);
         self.dtype(&dtype)?;
         let shape = array.shape().to_vec();
-        // SAFETY: `as_array_ptr` is the live array object; `data` is its buffer address.
-        let address = unsafe { (*array.as_array_ptr()).fields.data } as *const u8;
         let strides = Strides::Bytes(array.strides().to_vec());
         self.array_body(
             "array",
@@ -151,6 +160,10 @@ impl<'py> Encoder<'py> {
 
     pub(super) fn tensor(&mut self, value: &Bound<'py, PyAny>, kind: ArrayKind) -> Step {
         let py = self.py;
+        // Before `seen`: a tensor sent as a pickle takes no index among the message's arrays.
+        if let Some(reference) = reference_for(value, None)? {
+            return self.pickle(&reference, SHARED_REFERENCE);
+        }
         if self.seen(value)? {
             return Ok(());
         }

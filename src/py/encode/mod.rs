@@ -577,10 +577,11 @@ impl<'py> Encoder<'py> {
         let kwargs = PyDict::new(py);
         kwargs.set_item("protocol", 5)?;
         kwargs.set_item("buffer_callback", buffers.getattr("append")?)?;
-        let data = self
-            .types
-            .pickle_dumps
-            .bind(py)
+        // Shared tensors inside the pickle (a module's parameters) must stay references.
+        let shared_dumps = super::share::pickle_dumps(py)?;
+        let data = shared_dumps
+            .as_ref()
+            .unwrap_or(self.types.pickle_dumps.bind(py))
             .call((value,), Some(&kwargs))
             .map_err(|error| {
                 let message = format!(
