@@ -210,3 +210,10 @@ def send_on_stdlib_connection_from_queue(queue):
     conn = queue.get(timeout=WAIT)
     conn.send("hello")
     conn.close()
+
+
+class Holder:
+    """An object the channel can only pickle, holding ``value``."""
+
+    def __init__(self, value):
+        self.value = value

@@ -477,15 +477,12 @@ def test_pool_accepts_our_context():
         assert pool.map(mp_children.square, [2, 3]) == [4, 9]
 
 
-# --- found, not fixed here -------------------------------------------------------------------
+# --- what the channel pickles, it pickles as multiprocessing does ------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the channel pickles with pickle.dumps, not multiprocessing's ForkingPickler: a "
-    "multiprocessing Connection arrives holding the sender's descriptor number (src/py)",
-)
 def test_a_multiprocessing_connection_through_a_queue_to_a_spawn_child():
+    """Once failed: the channel pickled with plain pickle.dumps, so the Connection arrived
+    holding the sender's descriptor number ("Bad file descriptor" in the child)."""
     a, b = multiprocessing.Pipe()
     q = tmp.Queue()
     q.put(b)  # multiprocessing.Queue duplicates the descriptor for the receiver
@@ -512,3 +509,18 @@ def test_torch_dataloader_takes_one_of_our_contexts():
     assert torch.equal(torch.cat(batches), dataset.tensors[0])
     assert all(mp_children.tensor_in_slab(batch) for batch in batches)
     del batches
+
+
+def test_tensors_inside_pickled_objects_skip_torchs_descriptor_reducers():
+    """ForkingPickler carries torch's reducers once torch.multiprocessing is imported; the
+    channel leaves them out, so a tensor inside a pickled object is neither moved into a
+    file of its own (one descriptor per tensor) nor tied to its sender's lifetime."""
+    import torch
+    import torch.multiprocessing  # noqa: F401 (registers torch's reducers)
+
+    tensor = torch.arange(1000.0)
+    q = tmp.Queue()
+    q.put(mp_children.Holder(tensor))
+    assert not tensor.is_shared(), "torch's reducer moved the sender's tensor"
+    got = q.get(timeout=WAIT)
+    assert isinstance(got, mp_children.Holder) and torch.equal(got.value, tensor)

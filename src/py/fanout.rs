@@ -48,6 +48,7 @@ fn publish(
     // No channel id: a fan-out message never references `alloc` buffers (there are none
     // on these channels), everything is copied into its block.
     let mut encoded = Encoder::new(py, channel.strict(), None)?
+        .between_processes()
         .encode(obj)
         .map_err(|failure| failure.into_pyerr(py))?;
     let frame = Frame::plan(&encoded)?;

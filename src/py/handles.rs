@@ -304,6 +304,7 @@ impl Sender {
         let channel = slf.as_super().get().open()?;
         let deadline = deadline(timeout)?;
         let mut encoded = Encoder::new(py, channel.strict(), Some(channel.id()))?
+            .between_processes()
             .encode(obj)
             .map_err(|failure| failure.into_pyerr(py))?;
         let frame = Frame::plan(&encoded)?;

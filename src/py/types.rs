@@ -22,6 +22,8 @@ pub struct Types {
     pub np_from_dlpack: Py<PyAny>,
     pub np_frombuffer: Py<PyAny>,
     pub pickle_dumps: Py<PyAny>,
+    /// `tensorslab._pickling.dumps`: the pickler of messages between processes.
+    pub channel_pickle_dumps: Py<PyAny>,
     pub pickle_loads: Py<PyAny>,
     pub import_module: Py<PyAny>,
     pub object_new: Py<PyAny>,
@@ -68,6 +70,7 @@ pub fn types(py: Python<'_>) -> PyResult<&Types> {
             np_from_dlpack: function(py, "numpy", "from_dlpack")?,
             np_frombuffer: function(py, "numpy", "frombuffer")?,
             pickle_dumps: function(py, "pickle", "dumps")?,
+            channel_pickle_dumps: function(py, "tensorslab._pickling", "dumps")?,
             pickle_loads: function(py, "pickle", "loads")?,
             import_module: function(py, "importlib", "import_module")?,
             object_new: object.getattr("__new__")?.unbind(),

@@ -167,6 +167,9 @@ pub struct Encoder<'py> {
     channel_id: Option<u64>,
     buffers: Vec<Arc<AllocLease>>,
     alloc_bytes: usize,
+    /// A message to another process (a channel's), not `dumps`: pickles with
+    /// `multiprocessing`'s pickler (see `tensorslab/_pickling.py`).
+    between_processes: bool,
 }
 
 impl<'py> Encoder<'py> {
@@ -185,7 +188,15 @@ impl<'py> Encoder<'py> {
             channel_id,
             buffers: vec![],
             alloc_bytes: 0,
+            between_processes: false,
         })
+    }
+
+    /// For a message another process receives: what must be pickled is pickled as
+    /// `multiprocessing.Queue` pickles it, so a `Connection` or a lock inside arrives usable.
+    pub fn between_processes(mut self) -> Self {
+        self.between_processes = true;
+        self
     }
 
     pub fn encode(mut self, value: &Bound<'py, PyAny>) -> Result<Encoded, Failure> {
@@ -577,11 +588,22 @@ impl<'py> Encoder<'py> {
         let kwargs = PyDict::new(py);
         kwargs.set_item("protocol", 5)?;
         kwargs.set_item("buffer_callback", buffers.getattr("append")?)?;
-        // Shared tensors inside the pickle (a module's parameters) must stay references.
-        let shared_dumps = super::share::pickle_dumps(py)?;
+        // Shared tensors inside the pickle (a module's parameters) must stay references:
+        // between processes ForkingPickler's reducer_override makes them so (`share`
+        // installs it), in `dumps` the shared-aware pickler while a segment is mapped.
+        let shared_dumps = if self.between_processes {
+            None
+        } else {
+            super::share::pickle_dumps(py)?
+        };
+        let plain = if self.between_processes {
+            &self.types.channel_pickle_dumps
+        } else {
+            &self.types.pickle_dumps
+        };
         let data = shared_dumps
             .as_ref()
-            .unwrap_or(self.types.pickle_dumps.bind(py))
+            .unwrap_or(plain.bind(py))
             .call((value,), Some(&kwargs))
             .map_err(|error| {
                 let message = format!(
