@@ -154,6 +154,34 @@ def test_a_cancelled_get_leaves_the_message_for_the_next_get(ctx_name):
     rx.close()
 
 
+@pytest.mark.parametrize("ctx_name", CONTEXTS)
+def test_a_cancelled_put_publishes_nothing(ctx_name):
+    # A put waiting on a full ring is cancelled; a remote consumer then drains the channel
+    # and must find only the messages whose puts returned.
+    tx, rx = tensorslab.channel(2)
+    go = mp.get_context(ctx_name).Event()
+    with Child(ctx_name, ac.drain_after, rx, go, 3) as consumer:
+        rx.close()
+
+        async def main():
+            await tx.put_async(ac.message(0))
+            await tx.put_async(ac.message(1))
+            waiting = asyncio.ensure_future(tx.put_async(ac.message(99)))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert not waiting.done()
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            assert tx.qsize() == 2
+            go.set()
+            await tx.put_async(ac.message(2), timeout=TIMEOUT)
+
+        run(main())
+        assert consumer.join() == [0, 1, 2]
+    tx.close()
+
+
 def test_timeouts_raise_empty_and_full_as_the_blocking_calls_do():
     tx, rx = tensorslab.channel(1)
     queue_ = tensorslab.Queue(1)
