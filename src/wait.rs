@@ -229,8 +229,9 @@ static WAITV_MISSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicB
 /// most `timeout` (capped at one second). Returns on wake-up, timeout, signal, mismatch or
 /// an unmapped address (EFAULT) alike: callers re-check every word. Past [`WAITV_MAX`]
 /// words, only the first ones are slept on (the others are seen at the timeout). Without
-/// `futex_waitv` in the kernel it sleeps on the first word for at most
-/// [`WAITV_FALLBACK_SLEEP`], so a change of any other word costs that much latency.
+/// `futex_waitv` in the kernel it sleeps on the first word, for at most
+/// [`WAITV_FALLBACK_SLEEP`] when there are others (a change of one of them costs that much
+/// latency).
 #[cfg(not(loom))]
 pub fn futex_wait_any(targets: &[FutexTarget], timeout: Duration) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -246,7 +247,11 @@ pub fn futex_wait_any(targets: &[FutexTarget], timeout: Duration) {
             return;
         }
     }
-    let timeout = timeout.min(WAITV_FALLBACK_SLEEP);
+    // One word only: nothing else to look at, sleep on it as long as asked.
+    let timeout = match targets.len() {
+        1 => timeout,
+        _ => timeout.min(WAITV_FALLBACK_SLEEP),
+    };
     if first.private {
         let spec = timespec(timeout);
         // SAFETY: as in `futex_wait_address`; the private futex of a word in this

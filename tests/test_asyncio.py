@@ -402,11 +402,28 @@ def test_a_child_process_starts_its_own_helper(ctx_name):
         return await rx.get_async(timeout=TIMEOUT)
 
     assert run(main()) == "here"
+    # A wait armed in another thread's loop while the child is forked: the child drops the
+    # parent's waits and serves its own; the parent's wait still ends with its message.
+    other_tx, other_rx = tensorslab.channel(1)
+    armed = threading.Event()
+    results: list = []
+
+    async def wait_elsewhere():
+        waiting = asyncio.ensure_future(other_rx.get_async(timeout=TIMEOUT))
+        asyncio.get_running_loop().call_soon(armed.set)
+        return await waiting
+
+    thread = threading.Thread(target=lambda: results.append(asyncio.run(wait_elsewhere())))
+    thread.start()
+    assert armed.wait(TIMEOUT)
     got, helpers_there = run_in_child(ctx_name, ac.async_round_trip, tx, rx, 40, {})
     assert got == list(range(40))
     assert helpers_there == 1
-    tx.close()
-    rx.close()
+    other_tx.put("still waited for")
+    thread.join(TIMEOUT)
+    assert results == ["still waited for"]
+    for handle in (tx, rx, other_tx, other_rx):
+        handle.close()
 
 
 def test_without_futex_waitv_the_one_word_fallback_delivers():

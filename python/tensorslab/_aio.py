@@ -51,6 +51,7 @@ def _after_fork_in_child() -> None:
     # The parent's helper does not exist here; its lock may have been held at the fork.
     global _helper_lock, _helper
     _helper_lock, _helper = threading.Lock(), None
+    _tensorslab._aio_after_fork_in_child()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

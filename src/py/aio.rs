@@ -59,16 +59,16 @@ static HUB: AtomicPtr<Hub> = AtomicPtr::new(std::ptr::null_mut());
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 
 /// This process's hub. A fork child gets a new one: the parent's helper thread is not
-/// there, and the parent's hub is dropped only if its mutex is free (a helper thread that
-/// held it at the fork would never let go); its waits belong to the parent, whose counts
-/// the child must not touch, so they are dropped without `unregister`.
+/// there. The parent's hub is leaked (a helper thread that held its mutex at the fork
+/// would never let go of it); its waits, which hold channels, are dropped if the mutex is
+/// free, without `unregister` (the counts they added are the parent's to take back).
 fn hub() -> &'static Hub {
     let pid = current_pid();
     loop {
         let current = HUB.load(Ordering::Acquire);
         if !current.is_null() {
-            // SAFETY: a hub is only ever freed by the process that replaced it, below, once
-            // no thread of that process can reach it (the pointer moved on first).
+            // SAFETY: a hub that was stored here is never freed (a replaced one is leaked),
+            // so the pointer stays valid.
             let hub = unsafe { &*current };
             if hub.pid == pid {
                 return hub;
@@ -171,6 +171,13 @@ pub fn _aio_serve(py: Python<'_>) {
     py.detach(|| serve(hub));
 }
 
+/// Called in a fork child: drops the parent's waits there now (see [`hub`]), rather than
+/// at the child's first asyncio call, so the channels they hold close with their handles.
+#[pyfunction]
+pub fn _aio_after_fork_in_child() {
+    hub();
+}
+
 /// An event loop's end: the eventfd the loop watches, and the waits found ready.
 #[pyclass(frozen, module = "tensorslab._tensorslab")]
 pub struct AioWaker {
@@ -238,7 +245,9 @@ impl AioWatch {
     fn disarm_here(&mut self) {
         if let Some(pid) = self.armed_in.take() {
             if pid == current_pid() {
-                lock(&hub().entries).remove(&self.token);
+                // Dropped after the lock: the helper never waits on a channel's drop.
+                let removed = lock(&hub().entries).remove(&self.token);
+                drop(removed);
                 self.readiness.unregister();
             }
         }

@@ -30,6 +30,7 @@ fn _tensorslab(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<aio::AioWaker>()?;
     m.add_class::<aio::AioWatch>()?;
     m.add_function(wrap_pyfunction!(aio::_aio_serve, m)?)?;
+    m.add_function(wrap_pyfunction!(aio::_aio_after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(aio::_aio_try_latest, m)?)?;
     m.add_function(wrap_pyfunction!(fanout::broadcast, m)?)?;
     m.add_function(wrap_pyfunction!(fanout::latest, m)?)?;
