@@ -10,6 +10,8 @@
 //! error texts and statistics in `report.rs`.
 
 mod fanout;
+#[cfg(not(loom))]
+mod readiness;
 mod receive;
 mod recovery;
 mod registry;
@@ -19,6 +21,8 @@ mod ticket;
 mod watcher;
 
 pub use fanout::{Kind, SubscriberId};
+#[cfg(not(loom))]
+pub use readiness::{Direction, Readiness};
 pub use registry::{after_fork_in_child, after_fork_in_parent, before_fork};
 pub use ticket::Ticket;
 

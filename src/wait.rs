@@ -188,3 +188,151 @@ impl Drop for CallScope {
         CALL.with(|call| call.set(self.previous));
     }
 }
+
+/// One word of a [`futex_wait_any`]: sleep while the word at `address` holds `expected`.
+/// `private`: the word lives in this process's own memory (no shared-futex lookup).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FutexTarget {
+    pub address: usize,
+    pub expected: u32,
+    pub private: bool,
+}
+
+/// Most words one `futex_waitv` call takes (the kernel's `FUTEX_WAITV_MAX`).
+pub const WAITV_MAX: usize = 128;
+
+/// How long the fallback for kernels without `futex_waitv` (before 5.16) sleeps on one of
+/// the words before looking at all of them again.
+pub const WAITV_FALLBACK_SLEEP: Duration = Duration::from_millis(2);
+
+/// The kernel's `struct futex_waitv` (include/uapi/linux/futex.h).
+#[cfg(not(loom))]
+#[repr(C)]
+struct FutexWaitv {
+    val: u64,
+    uaddr: u64,
+    flags: u32,
+    reserved: u32,
+}
+
+#[cfg(not(loom))]
+const FUTEX2_SIZE_U32: u32 = 0x02;
+#[cfg(not(loom))]
+const FUTEX2_PRIVATE: u32 = 128;
+
+/// Set once `futex_waitv` answered ENOSYS (or `TENSORSLAB_NO_FUTEX_WAITV` is set, to test
+/// the fallback): from then on [`futex_wait_any`] waits on one word at a time.
+#[cfg(not(loom))]
+static WAITV_MISSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sleeps until any of `targets` is woken or no longer holds its expected value, for at
+/// most `timeout` (capped at one second). Returns on wake-up, timeout, signal, mismatch or
+/// an unmapped address (EFAULT) alike: callers re-check every word. Past [`WAITV_MAX`]
+/// words, only the first ones are slept on (the others are seen at the timeout). Without
+/// `futex_waitv` in the kernel it sleeps on the first word, for at most
+/// [`WAITV_FALLBACK_SLEEP`] when there are others (a change of one of them costs that much
+/// latency).
+#[cfg(not(loom))]
+pub fn futex_wait_any(targets: &[FutexTarget], timeout: Duration) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let timeout = timeout.min(Duration::from_secs(1));
+    let Some(first) = targets.first() else {
+        std::thread::sleep(timeout);
+        return;
+    };
+    if !WAITV_MISSING.load(Relaxed) {
+        if std::env::var_os("TENSORSLAB_NO_FUTEX_WAITV").is_some() {
+            WAITV_MISSING.store(true, Relaxed);
+        } else if waitv(&targets[..targets.len().min(WAITV_MAX)], timeout) {
+            return;
+        }
+    }
+    // One word only: nothing else to look at, sleep on it as long as asked.
+    let timeout = match targets.len() {
+        1 => timeout,
+        _ => timeout.min(WAITV_FALLBACK_SLEEP),
+    };
+    if first.private {
+        let spec = timespec(timeout);
+        // SAFETY: as in `futex_wait_address`; the private futex of a word in this
+        // process's memory, kept alive by the caller.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                first.address as *const u32,
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                first.expected,
+                &spec as *const libc::timespec,
+            );
+        }
+    } else {
+        futex_wait_address(first.address, first.expected, timeout);
+    }
+}
+
+#[cfg(not(loom))]
+fn timespec(timeout: Duration) -> libc::timespec {
+    libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    }
+}
+
+/// One `futex_waitv` call; false if the kernel does not have it (ENOSYS, remembered).
+#[cfg(not(loom))]
+fn waitv(targets: &[FutexTarget], timeout: Duration) -> bool {
+    let waiters: Vec<FutexWaitv> = targets
+        .iter()
+        .map(|target| FutexWaitv {
+            val: u64::from(target.expected),
+            uaddr: target.address as u64,
+            flags: FUTEX2_SIZE_U32 | if target.private { FUTEX2_PRIVATE } else { 0 },
+            reserved: 0,
+        })
+        .collect();
+    // futex_waitv takes an absolute deadline on the clock it is given.
+    let mut now = timespec(Duration::ZERO);
+    // SAFETY: writes one timespec into `now`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let nanos = now.tv_nsec as u64 + u64::from(timeout.subsec_nanos());
+    let deadline = libc::timespec {
+        tv_sec: now.tv_sec
+            + timeout.as_secs() as libc::time_t
+            + (nanos / 1_000_000_000) as libc::time_t,
+        tv_nsec: (nanos % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `waiters` is an array of `waiters.len()` (<= WAITV_MAX) initialised kernel
+    // structs and `deadline` a timespec, both alive for the call; the kernel validates each
+    // address itself (EFAULT) and only reads the 4-byte words. Every other error (EAGAIN on
+    // a mismatch, ETIMEDOUT, EINTR, EFAULT) means "re-check", as for `futex_wait`.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_futex_waitv,
+            waiters.as_ptr(),
+            waiters.len() as libc::c_uint,
+            0 as libc::c_uint,
+            &deadline as *const libc::timespec,
+            libc::CLOCK_MONOTONIC,
+        )
+    };
+    if result < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        WAITV_MISSING.store(true, std::sync::atomic::Ordering::Relaxed);
+        return false;
+    }
+    true
+}
+
+/// Wakes up to `count` threads of this process sleeping on the private word `word` (see
+/// [`FutexTarget::private`]).
+#[cfg(not(loom))]
+pub fn futex_wake_private(word: &AtomicU32, count: i32) {
+    // SAFETY: as in `futex_wake`.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            count,
+        );
+    }
+}

@@ -1,6 +1,6 @@
 """The compiled core of tensorslab (Rust). Import from ``tensorslab``, not from here."""
 
-from typing import Any, Iterator, TypeVar, final
+from typing import Any, AsyncIterator, Coroutine, Iterator, TypeVar, final
 
 from typing_extensions import disjoint_base
 
@@ -9,6 +9,8 @@ _H = TypeVar("_H", bound="Handle")
 
 __all__ = [
     "ABI_VERSION",
+    "AioWaker",
+    "AioWatch",
     "Handle",
     "Lease",
     "Publisher",
@@ -21,6 +23,9 @@ __all__ = [
     "__version__",
     "_after_fork_in_child",
     "_after_fork_in_parent",
+    "_aio_after_fork_in_child",
+    "_aio_serve",
+    "_aio_try_latest",
     "_before_fork",
     "_drop_ticket",
     "_rebuild",
@@ -77,6 +82,14 @@ class Sender(Handle):
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``."""
 
+    def put_async(self, obj: Any, timeout: float | None = None) -> Coroutine[Any, Any, None]:
+        """``await put_async(obj)``: ``put`` without blocking the event loop.
+
+        Awaits room as ``put`` waits for it, and raises what it raises (``Full`` after
+        ``timeout``, ``Closed``). The event loop's thread is never blocked and no thread is
+        started per call (see the README, "asyncio"). Cancelling it publishes nothing.
+        """
+
     def has_space(self, nbytes: int = 0) -> bool:
         """True when a message with ``nbytes`` of payload could be put now without waiting."""
 
@@ -130,6 +143,20 @@ class Receiver(Handle):
     def get_nowait(self) -> Any:
         """``get(block=False)``."""
 
+    def get_async(
+        self, timeout: float | None = None, copy: bool = False
+    ) -> Coroutine[Any, Any, Any]:
+        """``await get_async()``: ``get`` without blocking the event loop.
+
+        Raises what ``get`` raises (``Empty`` after ``timeout``, ``Closed``). A cancelled
+        call leaves its message queued: the message is only taken by the loop's thread,
+        once the call is sure to return it.
+        """
+
+    def __aiter__(self: _H) -> _H: ...
+    def __anext__(self) -> Coroutine[Any, Any, Any]:
+        """``async for msg in rx``: the next message; ends at ``Closed``, as iteration does."""
+
     def __iter__(self) -> Iterator[Any]: ...
     def __next__(self) -> Any: ...
 
@@ -148,6 +175,14 @@ class Publisher(Handle):
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``."""
 
+    def put_async(self, obj: Any, timeout: float | None = None) -> Coroutine[Any, Any, None]:
+        """``await put_async(obj)``: ``put`` without blocking the event loop.
+
+        Awaits room as ``put`` waits for it, and raises what it raises (``Full`` after
+        ``timeout``, ``Closed``). The event loop's thread is never blocked and no thread is
+        started per call (see the README, "asyncio"). Cancelling it publishes nothing.
+        """
+
     def subscribe(self) -> Subscriber:
         """A new, independent subscriber that starts at the next message published."""
 
@@ -160,6 +195,20 @@ class Subscriber(Handle):
 
     def get_nowait(self) -> Any:
         """``get(block=False)``."""
+
+    def get_async(
+        self, timeout: float | None = None, copy: bool = False
+    ) -> Coroutine[Any, Any, Any]:
+        """``await get_async()``: ``get`` without blocking the event loop.
+
+        Raises what ``get`` raises (``Empty`` after ``timeout``, ``Closed``). A cancelled
+        call leaves its message queued: the message is only taken by the loop's thread,
+        once the call is sure to return it.
+        """
+
+    def __aiter__(self: _H) -> _H: ...
+    def __anext__(self) -> Coroutine[Any, Any, Any]:
+        """``async for msg in rx``: the next message; ends at ``Closed``, as iteration does."""
 
     def subscribe(self) -> Subscriber:
         """A new, independent subscriber that starts at the next message published."""
@@ -199,6 +248,35 @@ class Reader(Handle):
         self, target: Any, newer_than: int | None = None, timeout: float | None = None
     ) -> int:
         """Copy the newest state dict into a module or dict of tensors; returns its version."""
+
+    def get_async(
+        self, newer_than: int | None = None, timeout: float | None = None, copy: bool = False
+    ) -> Coroutine[Any, Any, tuple[int, Any]]:
+        """``await get_async()``: ``get`` without blocking the event loop (``Empty`` after
+        ``timeout``, ``Closed`` once every writer is gone and nothing newer is left)."""
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, Any]]:
+        """``async for version, value in reader``: each version newer than the last one
+        yielded (versions published in between are skipped); ends at ``Closed``."""
+
+@final
+class AioWaker:
+    """Internal (``tensorslab._aio``): one event loop's eventfd, written by the helper."""
+
+    def __new__(cls) -> AioWaker: ...
+    def fileno(self) -> int: ...
+    def take(self) -> list[int]: ...
+
+@final
+class AioWatch:
+    """Internal (``tensorslab._aio``): one awaiting call's wait on a handle's side."""
+
+    def __new__(cls, handle: Handle) -> AioWatch: ...
+    @property
+    def token(self) -> int: ...
+    def snapshot(self) -> None: ...
+    def arm(self, waker: AioWaker) -> bool: ...
+    def disarm(self) -> None: ...
 
 @final
 class Lease:
@@ -252,6 +330,11 @@ def _drop_ticket(state: bytes) -> bool: ...
 def _before_fork() -> None: ...
 def _after_fork_in_parent() -> None: ...
 def _after_fork_in_child(handed: list[Sender | Receiver] | None = None) -> None: ...
+def _aio_after_fork_in_child() -> None: ...
+def _aio_serve() -> None: ...
+def _aio_try_latest(
+    reader: Reader, newer_than: int, copy: bool
+) -> tuple[int, Any] | None: ...
 
 
 # ---- shared segments (tensorslab.share; see python/tensorslab/_share.py) ----

@@ -99,3 +99,25 @@ class Queue:
 
     def __repr__(self) -> str:
         return f"<tensorslab.Queue maxsize={self._maxsize} qsize={self.qsize()}>"
+
+    # ---- asyncio (see tensorslab._aio) ----
+
+    async def put_async(self, obj: Any, timeout: float | None = None) -> None:
+        """``put`` without blocking the event loop: awaits room (``Full`` after
+        ``timeout``)."""
+        self._check_closed()
+        await self._tx.put_async(obj, _past_is_now(timeout))
+
+    async def get_async(self, timeout: float | None = None) -> Any:
+        """``get`` without blocking the event loop (``Empty`` after ``timeout``); a
+        cancelled call leaves the message queued."""
+        self._check_closed()
+        return await self._rx.get_async(_past_is_now(timeout))
+
+    def __aiter__(self) -> Queue:
+        return self
+
+    async def __anext__(self) -> Any:
+        """``async for msg in queue``: ends once every sender has closed and it is empty."""
+        self._check_closed()
+        return await self._rx.__anext__()

@@ -74,7 +74,7 @@ fn publish(
 
 /// Turns a received shared message into Python objects (read-only NumPy views unless
 /// `copy`).
-fn decode<'py>(
+pub(super) fn decode<'py>(
     handle: &Handle,
     py: Python<'py>,
     channel: &Arc<Channel>,
@@ -125,6 +125,16 @@ impl Publisher {
         Self::put(slf, py, obj, false, None)
     }
 
+    /// `await put_async(obj)`: `put` without blocking the event loop (see `py::aio`).
+    #[pyo3(signature = (obj, timeout = None))]
+    fn put_async<'py>(
+        slf: &Bound<'py, Self>,
+        obj: &Bound<'py, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        super::aio::coroutine(slf.py(), "put", (slf, obj, timeout))
+    }
+
     /// A new, independent subscriber that starts at the next message published.
     fn subscribe(slf: &Bound<'_, Self>, py: Python<'_>) -> PyResult<Py<Subscriber>> {
         new_subscriber(py, slf.as_super().get().open()?)
@@ -168,6 +178,24 @@ impl Subscriber {
     fn qsize(slf: &Bound<'_, Self>) -> PyResult<u64> {
         let handle = slf.as_super().get();
         Ok(handle.open()?.backlog(subscriber_of(handle)))
+    }
+
+    /// `await get_async()`: `get` without blocking the event loop (see `py::aio`).
+    #[pyo3(signature = (timeout = None, copy = false))]
+    fn get_async<'py>(
+        slf: &Bound<'py, Self>,
+        timeout: Option<f64>,
+        copy: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        super::aio::coroutine(slf.py(), "get", (slf, timeout, copy))
+    }
+
+    fn __aiter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __anext__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        super::aio::coroutine(slf.py(), "next_message", (slf,))
     }
 
     fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
@@ -247,6 +275,22 @@ impl Reader {
         })?;
         let value = decode(handle, py, channel, received, copy, started)?;
         (version, value).into_pyobject(py)
+    }
+
+    /// `await get_async()`: `get` without blocking the event loop (see `py::aio`).
+    #[pyo3(signature = (newer_than = None, timeout = None, copy = false))]
+    fn get_async<'py>(
+        slf: &Bound<'py, Self>,
+        newer_than: Option<u64>,
+        timeout: Option<f64>,
+        copy: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        super::aio::coroutine(slf.py(), "get_latest", (slf, newer_than, timeout, copy))
+    }
+
+    /// `async for version, value in reader`: each version newer than the last one seen.
+    fn __aiter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        super::aio::coroutine(slf.py(), "versions", (slf,))
     }
 
     /// Copies the newest version (a state dict) straight from shared memory into an

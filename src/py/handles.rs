@@ -340,6 +340,16 @@ impl Sender {
         Self::put(slf, py, obj, false, None)
     }
 
+    /// `await put_async(obj)`: `put` without blocking the event loop (see `py::aio`).
+    #[pyo3(signature = (obj, timeout = None))]
+    fn put_async<'py>(
+        slf: &Bound<'py, Self>,
+        obj: &Bound<'py, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        super::aio::coroutine(slf.py(), "put", (slf, obj, timeout))
+    }
+
     /// True when a message with `nbytes` of payload could be put right now without waiting.
     #[pyo3(signature = (nbytes = 0))]
     fn has_space(slf: &Bound<'_, Self>, nbytes: usize) -> PyResult<bool> {
@@ -409,6 +419,24 @@ impl Receiver {
 
     fn get_nowait<'py>(slf: &Bound<'_, Self>, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         Self::get(slf, py, false, None, false)
+    }
+
+    /// `await get_async()`: `get` without blocking the event loop (see `py::aio`).
+    #[pyo3(signature = (timeout = None, copy = false))]
+    fn get_async<'py>(
+        slf: &Bound<'py, Self>,
+        timeout: Option<f64>,
+        copy: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        super::aio::coroutine(slf.py(), "get", (slf, timeout, copy))
+    }
+
+    fn __aiter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __anext__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        super::aio::coroutine(slf.py(), "next_message", (slf,))
     }
 
     fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {

@@ -2,6 +2,7 @@
 //! `#[pymodule]` only registers.
 use pyo3::prelude::*;
 
+mod aio;
 mod alloc;
 mod blocking;
 mod decode;
@@ -27,6 +28,11 @@ fn _tensorslab(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<fanout::Writer>()?;
     m.add_class::<fanout::Reader>()?;
     m.add_class::<lease::Lease>()?;
+    m.add_class::<aio::AioWaker>()?;
+    m.add_class::<aio::AioWatch>()?;
+    m.add_function(wrap_pyfunction!(aio::_aio_serve, m)?)?;
+    m.add_function(wrap_pyfunction!(aio::_aio_after_fork_in_child, m)?)?;
+    m.add_function(wrap_pyfunction!(aio::_aio_try_latest, m)?)?;
     m.add_function(wrap_pyfunction!(fanout::broadcast, m)?)?;
     m.add_function(wrap_pyfunction!(fanout::latest, m)?)?;
     m.add_function(wrap_pyfunction!(fanout::_rebuild_subscriber, m)?)?;
