@@ -524,3 +524,20 @@ def test_tensors_inside_pickled_objects_skip_torchs_descriptor_reducers():
     assert not tensor.is_shared(), "torch's reducer moved the sender's tensor"
     got = q.get(timeout=WAIT)
     assert isinstance(got, mp_children.Holder) and torch.equal(got.value, tensor)
+
+
+def test_joinable_queue_counts_what_put_async_puts():
+    import asyncio
+
+    q = tmp.JoinableQueue(1)
+
+    async def scenario():
+        await q.put_async("counted")
+        with pytest.raises(tensorslab.Full):
+            await q.put_async("no room", timeout=0)  # failed: must not be counted
+
+    asyncio.run(scenario())
+    assert not q.join(timeout=0), "the put_async was not counted"
+    assert q.get(timeout=WAIT) == "counted"
+    q.task_done()
+    assert q.join(timeout=WAIT), "the failed put_async left a count behind"

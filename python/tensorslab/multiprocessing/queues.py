@@ -145,6 +145,17 @@ class JoinableQueue(Queue):
     def put_nowait(self, obj: Any) -> None:
         self.put(obj, False)
 
+    async def put_async(self, obj: Any, timeout: float | None = None) -> None:
+        """``put`` without blocking the event loop, counted as ``put`` counts (a cancelled
+        or failed call is uncounted: it published nothing)."""
+        self._check_closed()
+        self._unfinished_tasks.release()
+        try:
+            await super().put_async(obj, timeout)
+        except BaseException:
+            self._uncount()
+            raise
+
     def _uncount(self) -> None:
         with self._cond:
             self._unfinished_tasks.acquire(False)
