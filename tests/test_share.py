@@ -312,6 +312,16 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def test_a_fork_child_names_the_process_it_inherited_the_segment_from():
+    # A fork child holds the parent's descriptor without attaching: its references must
+    # name the parent too, or a tensor it sends is lost once it exits (the parent holds it).
+    tensor = tensorslab.share(torch.arange(3, dtype=torch.float64))
+    data = Child("fork", share_children.pickle_for_later, tensor).start().join()
+    with Child("spawn", share_children.unpickle_and_bump, data, 1.0) as child:
+        assert child.join() == [1.0, 2.0, 3.0]
+    assert tensor.tolist() == [1.0, 2.0, 3.0]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_a_killed_holder_leaves_nothing_once_the_others_drop_it(method):
     ctx = mp.get_context(method)
