@@ -183,6 +183,19 @@ def test_bad_input_is_a_specific_error():
         tensorslab.share(np.array([object()]))
 
 
+def test_a_strict_channel_refusing_a_shared_tensor_names_the_tensor():
+    tx, rx = tensorslab.channel(strict=True)
+    shared = {"t": tensorslab.share(torch.ones(2)), "a": tensorslab.share(np.ones(2))}
+    for key, kind in (("t", "torch.Tensor"), ("a", "numpy.ndarray")):
+        with pytest.raises(tensorslab.EncodeError) as raised:
+            tx.put({"batch": [shared[key]]})
+        message = str(raised.value)
+        assert message.startswith("msg['batch'][0]: "), message
+        assert f"object of type {kind} without pickling (strict=True)" in message, message
+    tx.close()
+    rx.close()
+
+
 # --- across processes --------------------------------------------------------------------
 
 
