@@ -464,3 +464,13 @@ def test_a_loop_closed_with_a_wait_pending_leaves_no_eventfd_and_no_wait():
     assert rx.get(timeout=TIMEOUT) == "not taken by a closed loop"
     tx.close()
     rx.close()
+
+
+def test_a_queue_that_put_async_then_closed_answers_empty_as_after_put():
+    # As multiprocessing.Queue (and tensorslab.Queue after put): once this process has
+    # put, empty() after close() raises OSError; put_async is a put.
+    q = tensorslab.Queue()
+    run(q.put_async("x"))
+    q.close()
+    with pytest.raises(OSError, match="closed"):
+        q.empty()
