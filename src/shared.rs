@@ -19,7 +19,7 @@
 //! Another process attaches through `/proc/<pid>/fd/<fd>` of a live holder
 //! ([`Segment::attach`], checked by device and inode). A [`Reference`] names the process
 //! that made it and up to [`MAX_HOLDERS`]` - 1` processes it knows held the segment before
-//! (its creator first), so a reference still attaches after the process that sent it has
+//! (in a fork child, the process it inherited the descriptor from; then the creator), so a reference still attaches after the process that sent it has
 //! dropped the segment, as long as one of them still holds it. When none does, attaching
 //! fails with [`Error::PeerGone`] naming them: the memory may be gone with them.
 //!
@@ -51,6 +51,10 @@ pub struct Reference {
 #[derive(Debug)]
 pub struct Shared {
     segment: Segment,
+    /// The process that opened `segment`'s descriptor (created or attached it). A fork
+    /// child inherits this `Shared`, descriptor number included, without opening anything:
+    /// its references name this process too, which holds the segment as long as it lives.
+    opened_by: u32,
     /// Other processes known to hold it (the creator first), for [`Shared::reference`].
     others: Vec<(u32, RawFd)>,
 }
@@ -98,6 +102,7 @@ impl Shared {
         let segment = Segment::create(&Backing::from_env(), &name, len)?;
         Ok(register(Shared {
             segment,
+            opened_by: current_pid(),
             others: Vec::new(),
         }))
     }
@@ -120,7 +125,11 @@ impl Shared {
                         .filter(|&(holder, _)| holder != current_pid())
                         .take(MAX_HOLDERS - 1)
                         .collect();
-                    return Ok(register(Shared { segment, others }));
+                    return Ok(register(Shared {
+                        segment,
+                        opened_by: current_pid(),
+                        others,
+                    }));
                 }
                 Err(error) => failures.push(format!("pid {pid}: {error}")),
             }
@@ -138,15 +147,22 @@ impl Shared {
         )))
     }
 
-    /// How another process maps this segment: this process first, then those it knows.
+    /// How another process maps this segment: this process first, then (in a fork child)
+    /// the process it inherited the descriptor from, then those it knows.
     pub fn reference(&self) -> Reference {
-        let mut holders = vec![(current_pid(), self.segment.raw_fd())];
+        let me = current_pid();
+        let fd = self.segment.raw_fd();
+        let mut holders = vec![(me, fd)];
+        if self.opened_by != me {
+            holders.push((self.opened_by, fd));
+        }
+        let room = MAX_HOLDERS - holders.len();
         holders.extend(
             self.others
                 .iter()
                 .copied()
-                .filter(|&(pid, _)| pid != current_pid())
-                .take(MAX_HOLDERS - 1),
+                .filter(|&(pid, _)| pid != me && pid != self.opened_by)
+                .take(room),
         );
         Reference {
             holders,

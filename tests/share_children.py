@@ -96,3 +96,20 @@ def receive_module_and_bump(source, delta, done):
             tensor.add_(delta)
     done.set()
     return [tensor.tolist() for tensor in model.parameters()]
+
+
+def pickle_for_later(obj):
+    """The reference a `multiprocessing` pickle of `obj` carries, made here (then exit)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    return bytes(ForkingPickler.dumps(obj))
+
+
+def unpickle_and_bump(data, delta):
+    """Rebuild a pickled shared tensor, add `delta` to it in place, report its values."""
+    import pickle
+
+    tensor = pickle.loads(data)
+    with torch.no_grad():
+        tensor.add_(delta)
+    return tensor.tolist()

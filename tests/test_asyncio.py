@@ -6,6 +6,7 @@ closing, broadcast and latest, Ctrl-C, and one helper thread per process."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -433,3 +434,43 @@ def test_without_futex_waitv_the_one_word_fallback_delivers():
     assert got == list(range(40))
     tx.close()
     rx.close()
+
+
+def eventfds() -> int:
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+        except OSError:
+            continue  # the listdir's own descriptor, closed since
+    return found
+
+
+def test_a_loop_closed_with_a_wait_pending_leaves_no_eventfd_and_no_wait():
+    # Closed without cancelling its tasks (run_until_complete, then close): once the loop
+    # and its tasks are garbage, the loop's eventfd is closed and the wait disarmed.
+    tx, rx = tensorslab.channel(1)
+    before = eventfds()
+    for _ in range(5):
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(rx.get_async())
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert not task.done()
+        loop.close()
+        del loop, task
+    gc.collect()
+    assert eventfds() == before, "each closed loop left its eventfd open"
+    tx.put("not taken by a closed loop")
+    assert rx.get(timeout=TIMEOUT) == "not taken by a closed loop"
+    tx.close()
+    rx.close()
+
+
+def test_a_queue_that_put_async_then_closed_answers_empty_as_after_put():
+    # As multiprocessing.Queue (and tensorslab.Queue after put): once this process has
+    # put, empty() after close() raises OSError; put_async is a put.
+    q = tensorslab.Queue()
+    run(q.put_async("x"))
+    q.close()
+    with pytest.raises(OSError, match="closed"):
+        q.empty()

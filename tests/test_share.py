@@ -183,6 +183,19 @@ def test_bad_input_is_a_specific_error():
         tensorslab.share(np.array([object()]))
 
 
+def test_a_strict_channel_refusing_a_shared_tensor_names_the_tensor():
+    tx, rx = tensorslab.channel(strict=True)
+    shared = {"t": tensorslab.share(torch.ones(2)), "a": tensorslab.share(np.ones(2))}
+    for key, kind in (("t", "torch.Tensor"), ("a", "numpy.ndarray")):
+        with pytest.raises(tensorslab.EncodeError) as raised:
+            tx.put({"batch": [shared[key]]})
+        message = str(raised.value)
+        assert message.startswith("msg['batch'][0]: "), message
+        assert f"object of type {kind} without pickling (strict=True)" in message, message
+    tx.close()
+    rx.close()
+
+
 # --- across processes --------------------------------------------------------------------
 
 
@@ -310,6 +323,16 @@ SCRIPT = textwrap.dedent(
         assert not leaked_segments(), leaked_segments()
     """
 )
+
+
+def test_a_fork_child_names_the_process_it_inherited_the_segment_from():
+    # A fork child holds the parent's descriptor without attaching: its references must
+    # name the parent too, or a tensor it sends is lost once it exits (the parent holds it).
+    tensor = tensorslab.share(torch.arange(3, dtype=torch.float64))
+    data = Child("fork", share_children.pickle_for_later, tensor).start().join()
+    with Child("spawn", share_children.unpickle_and_bump, data, 1.0) as child:
+        assert child.join() == [1.0, 2.0, 3.0]
+    assert tensor.tolist() == [1.0, 2.0, 3.0]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -63,7 +63,13 @@ class _LoopWaker:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.pid = os.getpid()
         self.waker = _tensorslab.AioWaker()
-        self.futures: dict[int, asyncio.Future[None]] = {}
+        # Weak: a future holds its loop, and `_wakers` holds this object as long as the
+        # loop lives; a strong future of a task left pending in a closed loop would keep
+        # the loop, its eventfd and the armed wait alive for ever. The awaiting frame holds
+        # its future while it waits.
+        self.futures: weakref.WeakValueDictionary[int, asyncio.Future[None]] = (
+            weakref.WeakValueDictionary()
+        )
         loop.add_reader(self.waker.fileno(), self._ready)
 
     def _ready(self) -> None:
@@ -127,7 +133,8 @@ async def _until(
                 await future
             finally:
                 watch.disarm()
-                del waker.futures[watch.token]
+                # Gone already when the garbage collector finalizes an abandoned task.
+                waker.futures.pop(watch.token, None)
                 if timer is not None:
                     timer.cancel()
         else:

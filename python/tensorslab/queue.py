@@ -106,6 +106,7 @@ class Queue:
         """``put`` without blocking the event loop: awaits room (``Full`` after
         ``timeout``)."""
         self._check_closed()
+        self._put_here = True
         await self._tx.put_async(obj, _past_is_now(timeout))
 
     async def get_async(self, timeout: float | None = None) -> Any:

@@ -136,7 +136,7 @@ impl<'py> Encoder<'py> {
         let address = unsafe { (*array.as_array_ptr()).fields.data } as *const u8;
         // Before `seen`: an array sent as a pickle takes no index among the message's arrays.
         if let Some(reference) = reference_for(value, Some(address as usize))? {
-            return self.pickle(&reference, SHARED_REFERENCE);
+            return self.pickle_for(&reference, value, SHARED_REFERENCE);
         }
         if self.seen(identity)? {
             return Ok(());
@@ -162,7 +162,7 @@ impl<'py> Encoder<'py> {
         let py = self.py;
         // Before `seen`: a tensor sent as a pickle takes no index among the message's arrays.
         if let Some(reference) = reference_for(value, None)? {
-            return self.pickle(&reference, SHARED_REFERENCE);
+            return self.pickle_for(&reference, value, SHARED_REFERENCE);
         }
         if self.seen(value)? {
             return Ok(());

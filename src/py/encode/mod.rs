@@ -577,11 +577,22 @@ impl<'py> Encoder<'py> {
 
     /// The pickle route (protocol 5, out-of-band buffers as payloads), or the strict error.
     fn pickle(&mut self, value: &Bound<'py, PyAny>, why: &str) -> Step {
+        self.pickle_for(value, value, why)
+    }
+
+    /// [`pickle`](Encoder::pickle) of `value` sent in place of `sent` (a shared tensor's
+    /// reference), with errors naming `sent`, the object the caller put.
+    pub(super) fn pickle_for(
+        &mut self,
+        value: &Bound<'py, PyAny>,
+        sent: &Bound<'py, PyAny>,
+        why: &str,
+    ) -> Step {
         let py = self.py;
         if self.strict {
             return Err(Failure::new(format!(
                 "cannot send object of type {} without pickling (strict=True): it {why}",
-                type_name(value)
+                type_name(sent)
             )));
         }
         let buffers = PyList::empty(py);
@@ -608,7 +619,7 @@ impl<'py> Encoder<'py> {
             .map_err(|error| {
                 let message = format!(
                     "cannot send object of type {}: it {why}, and pickling it failed: {}",
-                    type_name(value),
+                    type_name(sent),
                     error.value(py)
                 );
                 Failure {
