@@ -93,6 +93,14 @@ fn round_up(size: usize) -> Option<usize> {
 impl Shared {
     /// A new segment of at least `len` bytes (rounded up to a multiple of 64), registered.
     pub fn create(len: usize) -> Result<Arc<Shared>> {
+        Ok(Shared::map_new(len)?.register())
+    }
+
+    /// [`Shared::create`] without the registering: the slow part (reserving and mapping),
+    /// which takes no lock, so a binding may run it without the GIL and register with it
+    /// held. Then no thread holds the registry's lock while another forks (a fork child
+    /// whose copy of the lock stayed locked would hang at its first shared segment).
+    pub fn map_new(len: usize) -> Result<Unregistered> {
         let len = round_up(len.max(1))
             .filter(|&len| len <= isize::MAX as usize)
             .ok_or_else(|| {
@@ -100,7 +108,7 @@ impl Shared {
             })?;
         let name = format!("{NAME_PREFIX}{:016x}-0", random_u64());
         let segment = Segment::create(&Backing::from_env(), &name, len)?;
-        Ok(register(Shared {
+        Ok(Unregistered(Shared {
             segment,
             opened_by: current_pid(),
             others: Vec::new(),
@@ -111,9 +119,20 @@ impl Shared {
     /// (same file identity), or a new mapping attached through the first holder that still
     /// holds it.
     pub fn attach(reference: &Reference) -> Result<Arc<Shared>> {
-        if let Some(held) = find_identity(reference.identity) {
+        if let Some(held) = Shared::held(reference.identity) {
             return Ok(held);
         }
+        Ok(Shared::map_attached(reference)?.register())
+    }
+
+    /// This process's `Shared` of the segment with `identity`, if it maps it already.
+    pub fn held(identity: FileIdentity) -> Option<Arc<Shared>> {
+        find_identity(identity)
+    }
+
+    /// [`Shared::attach`]'s mapping, without looking for one held already or registering
+    /// (see [`Shared::map_new`] for why a binding splits them).
+    pub fn map_attached(reference: &Reference) -> Result<Unregistered> {
         let mut failures = Vec::new();
         for &(pid, fd) in reference.holders.iter().take(MAX_HOLDERS) {
             match Segment::attach(pid, fd, reference.len, reference.identity) {
@@ -125,7 +144,7 @@ impl Shared {
                         .filter(|&(holder, _)| holder != current_pid())
                         .take(MAX_HOLDERS - 1)
                         .collect();
-                    return Ok(register(Shared {
+                    return Ok(Unregistered(Shared {
                         segment,
                         opened_by: current_pid(),
                         others,
@@ -242,6 +261,18 @@ pub fn live() -> usize {
 }
 
 // ---- the registry ----
+
+/// A mapped segment not yet in the registry: [`Unregistered::register`] makes it findable.
+pub struct Unregistered(Shared);
+
+impl Unregistered {
+    /// Registers the mapping. If this process mapped the same segment meanwhile (two
+    /// threads attaching one reference), both mappings stay valid and are freed each on its
+    /// own; lookups by identity find the later one.
+    pub fn register(self) -> Arc<Shared> {
+        register(self.0)
+    }
+}
 
 struct Entry {
     end: usize,

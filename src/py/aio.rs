@@ -27,7 +27,7 @@ use super::handles::Handle;
 use crate::channel::{Direction, Readiness};
 use crate::error::Error;
 use crate::shm::current_pid;
-use crate::wait::{futex_wait_any, futex_wake_private, FutexTarget, MAX_SLEEP};
+use crate::wait::{futex_wait_any, futex_wake_private, FutexTarget, MAX_SLEEP, WAITV_MAX};
 
 /// The helper's sleep with nothing to wait for (new waits wake it at once anyway).
 const IDLE_SLEEP: Duration = Duration::from_secs(1);
@@ -125,7 +125,10 @@ fn serve(hub: &'static Hub) {
         } else {
             MAX_SLEEP
         };
-        // Last, so the one-word fallback (no `futex_waitv`) sleeps on a channel's word.
+        // Room for the helper's own word within `futex_waitv`'s limit: past it, channel
+        // words (seen at the `MAX_SLEEP` timeout) go, never the word that tells of a new
+        // wait. Last, so the one-word fallback (no `futex_waitv`) sleeps on a channel's word.
+        targets.truncate(WAITV_MAX - 1);
         targets.push(FutexTarget {
             address: hub.changed.as_ptr() as usize,
             expected: changed,

@@ -117,7 +117,8 @@ impl SharedSegment {
 /// A new shared segment of at least `nbytes` bytes (rounded up to a multiple of 64).
 #[pyfunction]
 pub fn _share_create(py: Python<'_>, nbytes: usize) -> PyResult<SharedSegment> {
-    let shared = py.detach(|| Shared::create(nbytes))?;
+    // The mapping without the GIL, the registering (a lock) with it: see `Shared::map_new`.
+    let shared = py.detach(|| Shared::map_new(nbytes))?.register();
     Ok(SharedSegment { shared })
 }
 
@@ -130,7 +131,10 @@ pub fn _share_attach(py: Python<'_>, reference: ReferenceTuple) -> PyResult<Shar
         len,
         identity: FileIdentity { device, inode },
     };
-    let shared = py.detach(|| Shared::attach(&reference))?;
+    let shared = match Shared::held(reference.identity) {
+        Some(held) => held,
+        None => py.detach(|| Shared::map_attached(&reference))?.register(),
+    };
     Ok(SharedSegment { shared })
 }
 
