@@ -33,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::layout::{self, Cell, ControlBlock, ABI_VERSION, FLAG_STRICT, MAGIC};
 use crate::procs::Side;
 use crate::ring::{Entry, Ring};
+pub(crate) use crate::shm::random_u64;
 use crate::shm::{current_pid, format_bytes, Backing, FileIdentity, ProcessId, Segment};
 use crate::slab::block::{owner_word, OWNER_ALLOC, OWNER_QUEUED, OWNER_RECEIVER, OWNER_SENDER};
 use crate::slab::{origin_word, Allocation, Slab, SlabRef};
@@ -137,20 +138,6 @@ fn side_index(side: Side) -> usize {
         Side::Sender => 0,
         Side::Receiver => 1,
     }
-}
-
-pub fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    // SAFETY: writes at most 8 bytes into the buffer it is given.
-    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), 8, 0) };
-    if got != 8 {
-        // Not security relevant past uniqueness: fall back to time and pid.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        return now.as_nanos() as u64 ^ (u64::from(current_pid()) << 40);
-    }
-    u64::from_le_bytes(bytes)
 }
 
 impl Channel {

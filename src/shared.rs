@@ -31,7 +31,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::error::{Error, Result};
-use crate::shm::{current_pid, format_bytes, Backing, FileIdentity, Segment, NAME_PREFIX};
+use crate::shm::{
+    current_pid, format_bytes, random_u64, Backing, FileIdentity, Segment, NAME_PREFIX,
+};
 
 /// Alignment of every tensor inside a shared segment, and of the segment's length.
 pub const ALIGN: usize = 64;
@@ -326,20 +328,6 @@ fn find_identity(identity: FileIdentity) -> Option<Arc<Shared>> {
         .upgrade()?;
     drop(registry);
     Some(shared)
-}
-
-fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    // SAFETY: writes at most 8 bytes into the buffer it is given.
-    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), 8, 0) };
-    if got != 8 {
-        // Names need only be unique enough to read in /proc: time and pid will do.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        return now.as_nanos() as u64 ^ (u64::from(current_pid()) << 40);
-    }
-    u64::from_le_bytes(bytes)
 }
 
 #[cfg(test)]

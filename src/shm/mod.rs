@@ -362,6 +362,21 @@ pub fn format_bytes(bytes: u64) -> String {
     }
 }
 
+/// 64 random bits for ids and names (`getrandom`); unique enough, not secret.
+pub fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: writes at most 8 bytes into the buffer it is given.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), 8, 0) };
+    if got != 8 {
+        // Not security relevant past uniqueness: fall back to time and pid.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        return now.as_nanos() as u64 ^ (u64::from(current_pid()) << 40);
+    }
+    u64::from_le_bytes(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
