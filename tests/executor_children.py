@@ -1,0 +1,104 @@
+"""Task functions for tests/test_executor.py: importable by name, so `spawn` workers find
+them. None imports torch at module level (a spawn worker that needs no torch starts fast)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+#: Set by `remember` (an initializer) in the worker that runs it.
+initialized: tuple = ()
+
+
+def add_one(x):
+    return x + 1
+
+
+def power(base, exponent=2):
+    return base**exponent
+
+
+def echo(value):
+    return value
+
+
+def pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def boom(value):
+    raise ValueError(f"boom: {value}")
+
+
+def unpicklable_result():
+    return lambda: None  # nothing can encode a lambda
+
+
+def kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remember(*args):
+    global initialized
+    initialized = args
+
+
+def what_was_initialized():
+    return initialized
+
+
+def failing_initializer():
+    raise RuntimeError("initializer failed on purpose")
+
+
+def segment_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of tensorslab segments."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "tensorslab-" in line and ("memfd:" in line or "/tensorslab-" in line):
+                start, end = line.split()[0].split("-")
+                ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def in_segment(address: int) -> bool:
+    return any(start <= address < end for start, end in segment_ranges())
+
+
+def array_address(array) -> int:
+    return array.__array_interface__["data"][0]
+
+
+def describe_and_double(array):
+    """What the worker received (a view into a slab segment?) and ``array * 2``."""
+    return (
+        {
+            "base": type(array.base).__name__,
+            "in_segment": in_segment(array_address(array)),
+            "writeable": bool(array.flags.writeable),
+            "sum": float(array.sum()),
+        },
+        array * 2,
+    )
+
+
+def torch_describe_and_double(tensor):
+    torch = sys.modules["torch"]  # the decoder imported it to build the tensor
+    return (
+        {
+            "type": type(tensor).__name__,
+            "in_segment": in_segment(tensor.untyped_storage().data_ptr()),
+            "dtype": str(tensor.dtype),
+        },
+        {"doubled": tensor * 2, "ones": torch.ones(3, dtype=torch.int16)},
+    )
+
+
+def big_result(nbytes: int):
+    return np.full(nbytes, 7, np.uint8)
