@@ -102,3 +102,19 @@ def torch_describe_and_double(tensor):
 
 def big_result(nbytes: int):
     return np.full(nbytes, 7, np.uint8)
+
+
+def orphan_workers(ctx_name: str, path: str) -> None:
+    """Starts an executor, writes its workers' pids to ``path`` and dies by SIGKILL while
+    one of them runs a task and the other waits for one."""
+    import multiprocessing as mp
+
+    import tensorslab
+
+    executor = tensorslab.ProcessPoolExecutor(2, mp_context=mp.get_context(ctx_name))
+    list(executor.map(pid_after, [0.1] * 4))
+    executor.submit(pid_after, 0.5)
+    pids = sorted(executor._manager.processes)
+    with open(path, "w") as file:
+        file.write(" ".join(map(str, pids)))
+    os.kill(os.getpid(), signal.SIGKILL)

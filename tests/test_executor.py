@@ -254,6 +254,36 @@ def test_torch_tensors_cross_as_tensors(ctx_name):
         del out
 
 
+def exited(pid: int) -> bool:
+    """Gone, or a zombie waiting for a reaper that is not this process."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("ctx_name", CONTEXTS)
+def test_workers_exit_when_the_parent_is_killed(ctx_name, tmp_path):
+    # The standard library's workers stay blocked on their call queue here (each of them
+    # holds a write end of it; seen with Python 3.11). Ours see the task channel's last
+    # sender die, and exit.
+    path = tmp_path / "pids"
+    # Not a daemon (helpers.Child is): daemonic processes may not start workers.
+    parent = mp.get_context(ctx_name).Process(
+        target=tasks.orphan_workers, args=(ctx_name, str(path))
+    )
+    parent.start()
+    parent.join(TIMEOUT)
+    if parent.exitcode is None:
+        parent.kill()
+        parent.join()
+    assert parent.exitcode == -9
+    pids = [int(pid) for pid in path.read_text().split()]
+    assert len(pids) == 2
+    wait_until(lambda: all(exited(pid) for pid in pids), "exited")
+
+
 def test_an_executor_dropped_without_shutdown_stops_its_workers():
     ex = executor("fork", 2)
     pids = set(ex.map(tasks.pid_after, [0.05] * 4))
