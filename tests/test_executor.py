@@ -206,6 +206,24 @@ def test_shutdown_cancel_futures_and_wait_false(ctx_name):
     executor(ctx_name).shutdown()  # never used: nothing started, nothing to stop
 
 
+def test_done_callbacks_may_submit_and_shut_down():
+    # They run in the manager thread; it holds no lock of its own while they run.
+    ex = executor("fork", 1)
+    chained: list = []
+
+    def then_submit(future):
+        chained.append(ex.submit(tasks.power, future.result()))
+        chained[-1].add_done_callback(lambda _: ex.shutdown())
+
+    ex.submit(tasks.power, 3).add_done_callback(then_submit)
+    wait_until(lambda: chained and chained[0].done(), "chained")
+    assert chained[0].result() == 81
+    ex.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(tasks.power, 1)
+    assert mp.active_children() == []
+
+
 @pytest.mark.parametrize("ctx_name", CONTEXTS)
 def test_large_arrays_cross_as_zero_copy_views(ctx_name):
     big = np.arange(4 << 20, dtype=np.float32)  # 16 MiB

@@ -520,7 +520,9 @@ class ProcessPoolExecutor(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         manager = self._manager
         manager.begin_shutdown(cancel_futures)
-        if wait and manager.started:
+        # A done-callback runs in the manager thread: from there, shutdown cannot wait for
+        # that thread; it stops once the callback returns.
+        if wait and manager.started and threading.current_thread() is not manager:
             manager.join()
 
     shutdown.__doc__ = Executor.shutdown.__doc__
