@@ -118,3 +118,18 @@ def orphan_workers(ctx_name: str, path: str) -> None:
     with open(path, "w") as file:
         file.write(" ".join(map(str, pids)))
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _refuse_to_load():
+    raise RuntimeError("this result refuses to be loaded")
+
+
+class LoadsNowhere:
+    """Pickles fine in the worker; unpickling it (in the parent) raises."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def undecodable_result():
+    return {"fine": np.ones(3), "not": LoadsNowhere()}

@@ -145,6 +145,19 @@ def test_initializer_gets_initargs_and_its_failure_breaks_the_pool(ctx_name):
     assert mp.active_children() == []
 
 
+@pytest.mark.parametrize("kind", list(EXECUTORS))
+def test_a_result_the_parent_cannot_load_breaks_the_pool_with_the_cause(kind):
+    # Its task is unknown once decoding fails: the standard library breaks the pool too.
+    ex = EXECUTORS[kind](1, mp_context=mp.get_context("fork"))
+    with pytest.raises(BrokenProcessPool) as raised:
+        ex.submit(tasks.undecodable_result).result(TIMEOUT)
+    assert "this result refuses to be loaded" in str(raised.value.__cause__)
+    with pytest.raises(BrokenProcessPool):
+        ex.submit(tasks.power, 2)
+    ex.shutdown()
+    assert mp.active_children() == []
+
+
 def test_constructor_errors_match_the_standard_library():
     fork, spawn = mp.get_context("fork"), mp.get_context("spawn")
     bad = [

@@ -320,17 +320,20 @@ class _Manager(threading.Thread):
     # -- the thread ---------------------------------------------------------------------
 
     def run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:
+            # An undecodable result (its task is unknown), or a bug here: the pool breaks,
+            # as the standard library's does when unpickling a result fails.
+            self._terminate_broken(format_exception(type(error), error, error.__traceback__))
+
+    def _serve(self) -> None:
         next_check = time.monotonic() + WORKER_CHECK_SECONDS
         while True:
             try:
                 message = self.results_rx.get(timeout=WORKER_CHECK_SECONDS)
             except Empty:
                 message = None
-            except BaseException as error:
-                # An undecodable result: its task is unknown, so the pool breaks, as the
-                # standard library's does when unpickling a result fails.
-                self._terminate_broken(format_exception(type(error), error, error.__traceback__))
-                return
             if message is not None:
                 self._process_result(message)
             del message  # a result's views must not outlive its future here
