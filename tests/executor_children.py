@@ -133,3 +133,14 @@ class LoadsNowhere:
 
 def undecodable_result():
     return {"fine": np.ones(3), "not": LoadsNowhere()}
+
+
+def pid_once_exists(path: str, timeout: float = 60.0) -> int:
+    """Blocks until ``path`` exists (the test's go-ahead), then returns the worker's pid;
+    raises after ``timeout`` so that a worker never waits forever."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.01)
+    return os.getpid()
