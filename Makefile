@@ -21,7 +21,7 @@ export PYO3_PYTHON := $(CURDIR)/$(PY)
 
 # Examples and benchmarks that exist; each is run in CI with `--smoke` when it takes it.
 EXAMPLES := $(wildcard examples/*.py)
-SMOKE_BENCHES := $(wildcard benches/compare.py benches/rl.py)
+SMOKE_BENCHES := $(wildcard benches/compare.py benches/rl.py benches/executor.py)
 RUFF_PATHS := $(wildcard python tests benches examples)
 
 .PHONY: venv rust build test lint cargo-test failpoints loom pytest examples demo bench soak \

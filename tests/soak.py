@@ -108,8 +108,11 @@ def main() -> int:
     killed = {"producers": 0, "consumers": 0}
     peak_used = 0
     started = time.monotonic()
-    print(f"soak: {args.seconds:.0f} s, {args.producers} producers, {args.consumers} consumers, "
-          f"{args.start_method}; logs in {logs}", flush=True)
+    print(
+        f"soak: {args.seconds:.0f} s, {args.producers} producers, {args.consumers} consumers, "
+        f"{args.start_method}; logs in {logs}",
+        flush=True,
+    )
     while time.monotonic() - started < args.seconds:
         time.sleep(rng.uniform(0.05, 0.5))
         peak_used = max(peak_used, tx.stats()["slab_used_bytes"])

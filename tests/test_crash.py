@@ -139,9 +139,7 @@ def test_producer_killed_mid_put_leaves_no_partial_message(ctx_name):
     for seqs in by_producer.values():
         assert seqs == list(range(len(seqs))), "a producer's messages out of order or with gaps"
     # The killed producers' unfinished allocations were reclaimed.
-    wait_until(
-        lambda: rx.stats()["slab_used_bytes"] == 0, what="the killed producers' allocations"
-    )
+    wait_until(lambda: rx.stats()["slab_used_bytes"] == 0, what="the killed producers' allocations")
 
 
 def test_nothing_survives_when_every_process_is_killed():

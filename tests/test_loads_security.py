@@ -57,9 +57,7 @@ def rewrite(data: bytes, *edits: tuple[bytes, bytes]) -> bytes:
         stream = stream.replace(old, new)
     payload = data[payload_offset:]
     offset = -(-(PREFIX.size + len(stream)) // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
-    prefix = PREFIX.pack(
-        magic, version, flags, len(stream), arrays, offset, offset + len(payload)
-    )
+    prefix = PREFIX.pack(magic, version, flags, len(stream), arrays, offset, offset + len(payload))
     return prefix + stream + bytes(offset - PREFIX.size - len(stream)) + payload
 
 
@@ -414,8 +412,7 @@ def test_channel_receiver_sets_only_declared_fields(ctx_name):
         with pytest.raises(tensorslab.DecodeError) as raised:
             rx.get(timeout=10)
     assert str(raised.value) == (
-        f"msg['batch'][0].added: test_loads_security.{name} has no field 'added' "
-        "(its fields: key)"
+        f"msg['batch'][0].added: test_loads_security.{name} has no field 'added' (its fields: key)"
     )
 
 

@@ -68,6 +68,7 @@ __all__ = [
     "IncompatibleError",
     "LimitError",
     "PeerGone",
+    "ProcessPoolExecutor",
     "Publisher",
     "Queue",
     "Reader",
@@ -84,3 +85,13 @@ __all__ = [
     "loads",
     "share",
 ]
+
+
+def __getattr__(name: str):
+    # tensorslab.ProcessPoolExecutor is imported on first use: it imports
+    # concurrent.futures and multiprocessing, which `import tensorslab` need not pay for.
+    if name == "ProcessPoolExecutor":
+        from .executor import ProcessPoolExecutor
+
+        return ProcessPoolExecutor
+    raise AttributeError(f"module 'tensorslab' has no attribute {name!r}")
