@@ -21,7 +21,8 @@ export PYO3_PYTHON := $(CURDIR)/$(PY)
 
 # Examples and benchmarks that exist; each is run in CI with `--smoke` when it takes it.
 EXAMPLES := $(wildcard examples/*.py)
-SMOKE_BENCHES := $(wildcard benches/compare.py benches/rl.py benches/executor.py)
+SMOKE_BENCHES := $(wildcard benches/compare.py benches/rl.py benches/executor.py \
+	benches/asyncio_bench.py)
 RUFF_PATHS := $(wildcard python tests benches examples)
 
 .PHONY: venv rust build test lint cargo-test failpoints loom pytest examples demo bench soak \
@@ -107,6 +108,8 @@ demo: build
 bench: build
 	$(PY) benches/compare.py
 	$(PY) benches/dataloader.py
+	$(PY) benches/executor.py
+	$(PY) benches/asyncio_bench.py
 
 # Long run with random kills (issue 4); not part of `make test`.
 soak: build
