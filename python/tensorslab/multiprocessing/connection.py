@@ -7,8 +7,13 @@ as the standard library's: the operating system's pipe is what signals. ``send(o
 ``recv()`` reads a frame and, for that one-byte frame, takes the next message from the
 channel. A message is on the channel before its frame is readable, so ``recv`` never waits
 on the channel; frames keep the pipe's order, and each frame takes exactly one message.
-A sender killed between the two steps leaves one message without a frame: it is the last
-it sent, and nobody receives it.
+A send whose frame write raised (a signal handler raising while the pipe is full, a
+non-blocking descriptor) leaves its message on the channel: its frame is owed, and written
+before the next frame this end writes, so no later message is taken in its place (the
+standard library's send, never written, delivers nothing; this one delivers late). A
+sender killed between the two steps leaves one message without a frame: with no other
+process sending on that end nobody receives it; if another one sends on it too, the
+other's next frame takes the orphan, and that sender's messages each arrive one late.
 
 Frames are tagged: ``o`` (an object on the channel) or ``b`` followed by the bytes of
 ``send_bytes``. As with the standard library, ``recv`` of bytes unpickles them and
@@ -47,6 +52,8 @@ class Connection:
         rx: Receiver | None,
     ) -> None:
         self._conn, self._tx, self._rx = conn, tx, rx
+        #: Frames of messages already on the channel whose write raised (see the module).
+        self._frames_owed = 0
 
     def __reduce__(self):
         conn = self._conn
@@ -87,7 +94,8 @@ class Connection:
             self._tx.put(obj)
         except Closed as error:
             raise BrokenPipeError(f"{self!r}: the other end is closed") from error
-        self._conn.send_bytes(_OBJECT)
+        self._frames_owed += 1
+        self._write_owed_frames()
 
     def recv(self) -> Any:
         frame = self._conn.recv_bytes()
@@ -111,6 +119,7 @@ class Connection:
             raise ValueError("size is negative")
         elif offset + size > length:
             raise ValueError("buffer length < offset + size")
+        self._write_owed_frames()
         self._conn.send_bytes(_BYTES + view[offset : offset + size])
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
@@ -151,6 +160,12 @@ class Connection:
     def _check_writable(self) -> None:
         self._conn._check_closed()
         self._conn._check_writable()
+
+    def _write_owed_frames(self) -> None:
+        # Counted down only once written: a write that raises leaves the frame owed.
+        while self._frames_owed:
+            self._conn.send_bytes(_OBJECT)
+            self._frames_owed -= 1
 
     def _take(self) -> Any:
         assert self._rx is not None  # a readable end has a receiver
