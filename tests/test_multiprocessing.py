@@ -352,7 +352,9 @@ def test_a_child_exception_is_reraised_with_its_traceback_and_the_others_termina
         assert not process.is_alive()
         # Terminated, unless it had not even started fn when the failure was seen.
         assert process.exitcode == -signal.SIGTERM or f"started-{index}" not in started
-    assert context.join() is True  # nothing left to wait for
+    # As torch's: the terminated processes are failures too, reported by the next joins.
+    with pytest.raises(tmp.ProcessExitedException, match="signal SIGTERM"):
+        context.join()
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -378,6 +380,21 @@ def test_the_exceptions_pickle_with_their_fields():
     )
     exited = pickle.loads(pickle.dumps(tmp.ProcessExitedException("m", 0, 99, -9, "SIGKILL")))
     assert (exited.error_pid, exited.exit_code, exited.signal_name) == (99, -9, "SIGKILL")
+
+
+def test_a_join_after_a_failure_reports_the_next_failure_as_torchs_does():
+    """Once failed: after the first failure was raised, join() forgot the other processes
+    and returned True ("all exited successfully") though the other one had raised too;
+    torch's join raises that one's failure, with its traceback."""
+    context = start("fork", mp_children.exit_with_traceback, (), nprocs=2)
+    with pytest.raises(tmp.ProcessRaisedException) as first:
+        join_until_done(context)
+    with pytest.raises(tmp.ProcessException) as second:
+        join_until_done(context)
+    assert {first.value.error_index, second.value.error_index} == {0, 1}
+    if isinstance(second.value, tmp.ProcessRaisedException):  # not terminated first
+        assert f"failing in process {second.value.error_index}" in str(second.value)
+    assert context.join() is True  # now nothing is left to report
 
 
 def test_a_child_exit_code():
