@@ -319,6 +319,31 @@ def test_simple_queue_put_gives_broken_pipe_once_every_reader_is_gone():
         q.put(1)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_concurrent_futures_process_pool_takes_one_of_our_contexts(method):
+    """Once failed: ProcessPoolExecutor(mp_context=ctx) makes its result queue with
+    ctx.SimpleQueue() and waits on its ``_reader`` with multiprocessing.connection.wait;
+    ours had no descriptor ("Invalid file object"), its manager thread died at once and
+    every future stayed pending."""
+    import concurrent.futures
+
+    q = tmp.get_context(method).SimpleQueue()
+    assert multiprocessing.connection.wait([q._reader], timeout=0) == []
+    q.put(np.arange(3))
+    assert multiprocessing.connection.wait([q._reader], timeout=WAIT) == [q._reader]
+    assert q._reader.poll(0) and np.array_equal(q._reader.recv(), np.arange(3))
+    assert not q._reader.poll(0)
+    del q
+    context = tmp.get_context(method)
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as executor:
+        squares = executor.map(mp_children.square, range(6), timeout=WAIT)
+        assert list(squares) == [x * x for x in range(6)]
+        # The tasks go through the executor's own (standard) queue; results through ours.
+        _, plus_one = executor.submit(mp_children.where_it_arrived, np.arange(10)).result(WAIT)
+    assert np.array_equal(plus_one, np.arange(10) + 1) and mp_children.array_in_slab(plus_one)
+    del plus_one
+
+
 # --- spawn / start_processes ----------------------------------------------------------------
 
 

@@ -23,8 +23,9 @@ Frames are tagged: ``o`` (an object on the channel) or ``b`` followed by the byt
 from __future__ import annotations
 
 import multiprocessing.connection
+import os
 from multiprocessing import BufferTooShort, reduction
-from typing import Any
+from typing import Any, Callable
 
 from .._tensorslab import Receiver, Sender, channel
 from ..exceptions import Closed
@@ -36,6 +37,37 @@ _BYTES = b"b"
 #: one-byte frames than this, so a sender normally waits on the pipe, as with the standard
 #: library; it waits on whichever is full.
 PIPE_CAPACITY = 16384
+
+
+class OwedFrames:
+    """The frames of messages already on a channel and not yet written to the pipe: one
+    entry per frame, added after the put and taken by whichever send writes it next, put
+    back if that write raises. ``list.append`` and ``pop`` are atomic, so threads sending
+    at once write each frame exactly once (a counter's ``+=`` raced: it went negative and
+    a writer wrote frames until the pipe was full). An entry names the process that owes
+    it: a fork child drops its parent's instead of writing them a second time."""
+
+    def __init__(self) -> None:
+        self._entries: list[int] = []
+
+    def add(self) -> None:
+        self._entries.append(os.getpid())
+
+    def write(self, write_one: Callable[[], None]) -> None:
+        """Writes every frame this process owes, with ``write_one``."""
+        pid = os.getpid()
+        while True:
+            try:
+                owner = self._entries.pop()
+            except IndexError:
+                return
+            if owner != pid:
+                continue
+            try:
+                write_one()
+            except BaseException:
+                self._entries.append(owner)
+                raise
 
 
 class Connection:
@@ -52,8 +84,7 @@ class Connection:
         rx: Receiver | None,
     ) -> None:
         self._conn, self._tx, self._rx = conn, tx, rx
-        #: Frames of messages already on the channel whose write raised (see the module).
-        self._frames_owed = 0
+        self._frames_owed = OwedFrames()
 
     def __reduce__(self):
         conn = self._conn
@@ -94,8 +125,8 @@ class Connection:
             self._tx.put(obj)
         except Closed as error:
             raise BrokenPipeError(f"{self!r}: the other end is closed") from error
-        self._frames_owed += 1
-        self._write_owed_frames()
+        self._frames_owed.add()
+        self._frames_owed.write(self._write_object_frame)
 
     def recv(self) -> Any:
         frame = self._conn.recv_bytes()
@@ -119,7 +150,7 @@ class Connection:
             raise ValueError("size is negative")
         elif offset + size > length:
             raise ValueError("buffer length < offset + size")
-        self._write_owed_frames()
+        self._frames_owed.write(self._write_object_frame)
         self._conn.send_bytes(_BYTES + view[offset : offset + size])
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
@@ -161,11 +192,8 @@ class Connection:
         self._conn._check_closed()
         self._conn._check_writable()
 
-    def _write_owed_frames(self) -> None:
-        # Counted down only once written: a write that raises leaves the frame owed.
-        while self._frames_owed:
-            self._conn.send_bytes(_OBJECT)
-            self._frames_owed -= 1
+    def _write_object_frame(self) -> None:
+        self._conn.send_bytes(_OBJECT)
 
     def _take(self) -> Any:
         assert self._rx is not None  # a readable end has a receiver
