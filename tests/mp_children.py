@@ -165,6 +165,10 @@ def die_by_signal(index, victim):
     time.sleep(WAIT)
 
 
+def exit_with_traceback(index):
+    raise RuntimeError(f"failing in process {index}")
+
+
 def exit_with(index, code):
     sys.exit(code)
 

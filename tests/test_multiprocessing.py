@@ -319,6 +319,31 @@ def test_simple_queue_put_gives_broken_pipe_once_every_reader_is_gone():
         q.put(1)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_concurrent_futures_process_pool_takes_one_of_our_contexts(method):
+    """Once failed: ProcessPoolExecutor(mp_context=ctx) makes its result queue with
+    ctx.SimpleQueue() and waits on its ``_reader`` with multiprocessing.connection.wait;
+    ours had no descriptor ("Invalid file object"), its manager thread died at once and
+    every future stayed pending."""
+    import concurrent.futures
+
+    q = tmp.get_context(method).SimpleQueue()
+    assert multiprocessing.connection.wait([q._reader], timeout=0) == []
+    q.put(np.arange(3))
+    assert multiprocessing.connection.wait([q._reader], timeout=WAIT) == [q._reader]
+    assert q._reader.poll(0) and np.array_equal(q._reader.recv(), np.arange(3))
+    assert not q._reader.poll(0)
+    del q
+    context = tmp.get_context(method)
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as executor:
+        squares = executor.map(mp_children.square, range(6), timeout=WAIT)
+        assert list(squares) == [x * x for x in range(6)]
+        # The tasks go through the executor's own (standard) queue; results through ours.
+        _, plus_one = executor.submit(mp_children.where_it_arrived, np.arange(10)).result(WAIT)
+    assert np.array_equal(plus_one, np.arange(10) + 1) and mp_children.array_in_slab(plus_one)
+    del plus_one
+
+
 # --- spawn / start_processes ----------------------------------------------------------------
 
 
@@ -352,7 +377,9 @@ def test_a_child_exception_is_reraised_with_its_traceback_and_the_others_termina
         assert not process.is_alive()
         # Terminated, unless it had not even started fn when the failure was seen.
         assert process.exitcode == -signal.SIGTERM or f"started-{index}" not in started
-    assert context.join() is True  # nothing left to wait for
+    # As torch's: the terminated processes are failures too, reported by the next joins.
+    with pytest.raises(tmp.ProcessExitedException, match="signal SIGTERM"):
+        context.join()
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -378,6 +405,21 @@ def test_the_exceptions_pickle_with_their_fields():
     )
     exited = pickle.loads(pickle.dumps(tmp.ProcessExitedException("m", 0, 99, -9, "SIGKILL")))
     assert (exited.error_pid, exited.exit_code, exited.signal_name) == (99, -9, "SIGKILL")
+
+
+def test_a_join_after_a_failure_reports_the_next_failure_as_torchs_does():
+    """Once failed: after the first failure was raised, join() forgot the other processes
+    and returned True ("all exited successfully") though the other one had raised too;
+    torch's join raises that one's failure, with its traceback."""
+    context = start("fork", mp_children.exit_with_traceback, (), nprocs=2)
+    with pytest.raises(tmp.ProcessRaisedException) as first:
+        join_until_done(context)
+    with pytest.raises(tmp.ProcessException) as second:
+        join_until_done(context)
+    assert {first.value.error_index, second.value.error_index} == {0, 1}
+    if isinstance(second.value, tmp.ProcessRaisedException):  # not terminated first
+        assert f"failing in process {second.value.error_index}" in str(second.value)
+    assert context.join() is True  # now nothing is left to report
 
 
 def test_a_child_exit_code():

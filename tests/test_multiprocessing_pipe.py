@@ -8,6 +8,7 @@ from __future__ import annotations
 import array
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 
 import numpy as np
@@ -268,3 +269,55 @@ def test_a_pipe_end_travels_through_a_queue():
         assert np.array_equal(values, np.arange(5))
         del values
     b.close()
+
+
+def test_a_send_whose_frame_write_failed_does_not_shift_the_later_messages():
+    """Once failed: `send` puts the message on the channel, then writes its frame; when the
+    write raised (here a non-blocking descriptor with the pipe full; in use a signal
+    handler raising while the writer waits on a full pipe), the message stayed without a
+    frame, so the next frame took it: `recv` gave the message of the failed send instead
+    of "next", and every later message arrived one send late. Now the failed send's frame
+    is written before the next one: nothing is lost or shifted, and the failed send's
+    message arrives (where the standard library's, never written, does not)."""
+    reader, writer = tmp.Pipe(duplex=False)
+    os.set_blocking(writer.fileno(), False)
+    sent = 0
+    with pytest.raises(BlockingIOError):
+        while sent < 1_000_000:  # the pipe fills long before
+            writer.send(sent)
+            sent += 1
+    os.set_blocking(writer.fileno(), True)
+    assert [reader.recv() for _ in range(sent)] == list(range(sent))
+    writer.send("next")
+    assert reader.recv() == sent  # the send that raised: its message was already out
+    assert reader.poll(WAIT) and reader.recv() == "next"
+    assert not reader.poll(0)
+
+
+@pytest.mark.parametrize("kind", ["Pipe", "SimpleQueue"])
+def test_threads_sending_at_once_announce_each_message_exactly_once(kind):
+    """Both write a message's frame after putting it on the channel. A counter of frames
+    still to write, shared by the threads of a process, once raced: it went negative and
+    a sender wrote frames until the pipe was full (a Pool's terminate hung, its task and
+    main threads both putting on the result queue)."""
+    import threading
+
+    if kind == "Pipe":
+        reader, writer = tmp.Pipe(duplex=False)
+        send, recv, ready = writer.send, reader.recv, reader.poll
+    else:
+        queue = tmp.SimpleQueue()
+        send, recv, ready = queue.put, queue.get, queue._reader.poll
+    threads = [
+        threading.Thread(target=lambda t=t: [send((t, i)) for i in range(500)]) for t in range(4)
+    ]
+    received = []
+    for thread in threads:
+        thread.start()
+    while len(received) < 2000:
+        assert ready(WAIT), f"{len(received)} of 2000 arrived"
+        received.append(recv())
+    for thread in threads:
+        thread.join(WAIT)
+    assert sorted(received) == sorted((t, i) for t in range(4) for i in range(500))
+    assert not ready(0), "a frame with no message behind it"

@@ -7,8 +7,13 @@ as the standard library's: the operating system's pipe is what signals. ``send(o
 ``recv()`` reads a frame and, for that one-byte frame, takes the next message from the
 channel. A message is on the channel before its frame is readable, so ``recv`` never waits
 on the channel; frames keep the pipe's order, and each frame takes exactly one message.
-A sender killed between the two steps leaves one message without a frame: it is the last
-it sent, and nobody receives it.
+A send whose frame write raised (a signal handler raising while the pipe is full, a
+non-blocking descriptor) leaves its message on the channel: its frame is owed, and written
+before the next frame this end writes, so no later message is taken in its place (the
+standard library's send, never written, delivers nothing; this one delivers late). A
+sender killed between the two steps leaves one message without a frame: with no other
+process sending on that end nobody receives it; if another one sends on it too, the
+other's next frame takes the orphan, and that sender's messages each arrive one late.
 
 Frames are tagged: ``o`` (an object on the channel) or ``b`` followed by the bytes of
 ``send_bytes``. As with the standard library, ``recv`` of bytes unpickles them and
@@ -18,8 +23,9 @@ Frames are tagged: ``o`` (an object on the channel) or ``b`` followed by the byt
 from __future__ import annotations
 
 import multiprocessing.connection
+import os
 from multiprocessing import BufferTooShort, reduction
-from typing import Any
+from typing import Any, Callable
 
 from .._tensorslab import Receiver, Sender, channel
 from ..exceptions import Closed
@@ -31,6 +37,37 @@ _BYTES = b"b"
 #: one-byte frames than this, so a sender normally waits on the pipe, as with the standard
 #: library; it waits on whichever is full.
 PIPE_CAPACITY = 16384
+
+
+class OwedFrames:
+    """The frames of messages already on a channel and not yet written to the pipe: one
+    entry per frame, added after the put and taken by whichever send writes it next, put
+    back if that write raises. ``list.append`` and ``pop`` are atomic, so threads sending
+    at once write each frame exactly once (a counter's ``+=`` raced: it went negative and
+    a writer wrote frames until the pipe was full). An entry names the process that owes
+    it: a fork child drops its parent's instead of writing them a second time."""
+
+    def __init__(self) -> None:
+        self._entries: list[int] = []
+
+    def add(self) -> None:
+        self._entries.append(os.getpid())
+
+    def write(self, write_one: Callable[[], None]) -> None:
+        """Writes every frame this process owes, with ``write_one``."""
+        pid = os.getpid()
+        while True:
+            try:
+                owner = self._entries.pop()
+            except IndexError:
+                return
+            if owner != pid:
+                continue
+            try:
+                write_one()
+            except BaseException:
+                self._entries.append(owner)
+                raise
 
 
 class Connection:
@@ -47,6 +84,7 @@ class Connection:
         rx: Receiver | None,
     ) -> None:
         self._conn, self._tx, self._rx = conn, tx, rx
+        self._frames_owed = OwedFrames()
 
     def __reduce__(self):
         conn = self._conn
@@ -87,7 +125,8 @@ class Connection:
             self._tx.put(obj)
         except Closed as error:
             raise BrokenPipeError(f"{self!r}: the other end is closed") from error
-        self._conn.send_bytes(_OBJECT)
+        self._frames_owed.add()
+        self._frames_owed.write(self._write_object_frame)
 
     def recv(self) -> Any:
         frame = self._conn.recv_bytes()
@@ -111,6 +150,7 @@ class Connection:
             raise ValueError("size is negative")
         elif offset + size > length:
             raise ValueError("buffer length < offset + size")
+        self._frames_owed.write(self._write_object_frame)
         self._conn.send_bytes(_BYTES + view[offset : offset + size])
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
@@ -151,6 +191,9 @@ class Connection:
     def _check_writable(self) -> None:
         self._conn._check_closed()
         self._conn._check_writable()
+
+    def _write_object_frame(self) -> None:
+        self._conn.send_bytes(_OBJECT)
 
     def _take(self) -> Any:
         assert self._rx is not None  # a readable end has a receiver

@@ -135,7 +135,8 @@ class ProcessContext:
         Returns True once all have exited successfully, False if some are still running.
         When one exited with a non-zero code, the others get ``grace_period`` seconds (None:
         none) to exit, are then terminated, killed if still alive after another grace period
-        (30 s if None), and the failure is raised.
+        (30 s if None), and the failure is raised; each later call raises that of another
+        process that failed (terminated ones included) until none is left, as torch's.
         """
         if not self.sentinels:
             return True
@@ -153,11 +154,12 @@ class ProcessContext:
                 self._cleanup()
             return not self.sentinels
         self._stop_the_others(grace_period)
-        try:
-            raise self._failure(failed)
-        finally:
-            self.sentinels.clear()
+        failure = self._failure(failed)
+        # As torch's: the processes not joined yet stay, so the next join reports the next
+        # failure (another that raised, or one terminated here); their files stay till then.
+        if not self.sentinels:
             self._cleanup()
+        raise failure
 
     def _join_all(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
