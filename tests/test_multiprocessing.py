@@ -583,3 +583,12 @@ def test_joinable_queue_counts_what_put_async_puts():
     assert q.get(timeout=WAIT) == "counted"
     q.task_done()
     assert q.join(timeout=WAIT), "the failed put_async left a count behind"
+
+
+@pytest.mark.parametrize("name", ["Queue", "SimpleQueue", "JoinableQueue"])
+def test_queue_classes_take_a_type_parameter_as_the_standard_librarys_do(name):
+    """`Queue[int]` in an annotation evaluated at run time (the standard library's classes
+    allow it; ours raised TypeError: 'type' object is not subscriptable)."""
+    cls = getattr(tmp, name)
+    alias = cls[int]
+    assert alias.__origin__ is cls and alias.__args__ == (int,)

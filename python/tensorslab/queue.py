@@ -8,6 +8,7 @@ copies the message into shared memory before it returns, so ``join_thread`` and
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 from ._tensorslab import Receiver, Sender, channel
@@ -28,6 +29,9 @@ class Queue:
     ``maxsize <= 0`` means up to 65,536 queued messages (the ring is fixed in size);
     memory is bounded by the slab, which grows on demand.
     """
+
+    # `Queue[int]` in annotations evaluated at run time, as multiprocessing.queues.Queue.
+    __class_getitem__ = classmethod(types.GenericAlias)
 
     def __init__(self, maxsize: int = 0, **channel_options: Any) -> None:
         capacity = maxsize if maxsize > 0 else UNBOUNDED_CAPACITY

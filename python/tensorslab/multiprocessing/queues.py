@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import types
 from multiprocessing import reduction
 from typing import Any
 
@@ -94,6 +95,8 @@ class SimpleQueue:
     it, the queue may also be sent through other queues (not only to children): its pipe's
     descriptors are duplicated as ``multiprocessing`` duplicates a ``Connection``'s.
     """
+
+    __class_getitem__ = classmethod(types.GenericAlias)
 
     def __init__(self, *, ctx: Any = None, **channel_options: Any) -> None:
         # ctx: accepted as multiprocessing.queues.SimpleQueue takes it; no lock is needed.
