@@ -7,16 +7,16 @@
 As pytorch/examples' `mnist_hogwild`, on synthetic data: a teacher network labels random
 points, and a small MLP learns them. `tensorslab.share(model)` (instead of
 `model.share_memory()`) moves every parameter into one shared segment; the dataset is
-shared the same way. Each worker, a stdlib `multiprocessing` spawn child, gets the model
-as a `Process` argument, maps the segment once and runs SGD on it in place: every step of
-either worker is seen by the other and by the parent, which never trains. The parent checks
-that the parameters moved and that the loss went down, and exits 1 if not.
+shared the same way. Each worker, a spawn child of `tensorslab.multiprocessing` (imported
+where `torch.multiprocessing` was), gets the model as a `Process` argument, maps the
+segment once and runs SGD on it in place: every step of either worker is seen by the other
+and by the parent, which never trains. The parent checks that the parameters moved and
+that the loss went down, and exits 1 if not.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import sys
 
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import tensorslab
+import tensorslab.multiprocessing as mp  # was: import torch.multiprocessing as mp
 
 FEATURES, CLASSES, POINTS = 16, 4, 4096
 
