@@ -57,6 +57,9 @@ EXTRA_QUEUED_CALLS = 1
 #: wait for it, since a result wakes the thread at once.
 WORKER_CHECK_SECONDS = 0.1
 
+#: A channel admits 256 processes (its process table): the parent and this many workers.
+MAX_WORKERS = 255
+
 #: The standard library's words, so code that matches on them keeps working.
 BROKEN_POOL = "A child process terminated abruptly, the process pool is not usable anymore"
 BROKEN_FUTURE = (
@@ -465,12 +468,14 @@ class ProcessPoolExecutor(Executor):
         *,
         max_tasks_per_child: int | None = None,
     ) -> None:
-        # Checks and messages as the standard library's.
+        # Checks and messages as the standard library's; the limit as its Windows one.
         if max_workers is None:
             count = getattr(os, "process_cpu_count", os.cpu_count)()
-            max_workers = count or 1
+            max_workers = min(count or 1, MAX_WORKERS)
         elif max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
+        elif max_workers > MAX_WORKERS:
+            raise ValueError(f"max_workers must be <= {MAX_WORKERS}")
         if mp_context is None:
             if max_tasks_per_child is not None:
                 mp_context = mp.get_context("spawn")
