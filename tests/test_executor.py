@@ -352,3 +352,24 @@ def test_max_workers_stays_within_what_a_channel_admits(monkeypatch):
     with pytest.raises(ValueError, match="max_workers must be <= 255"):
         tensorslab.ProcessPoolExecutor(256)
     tensorslab.ProcessPoolExecutor(255).shutdown()  # nothing started: never used
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["shutdown", "broken"])
+def test_shutdown_releases_the_segments_while_the_executor_lives(broken):
+    # A closed handle keeps its segments mapped (a grown slab's memory with them) until it
+    # is collected, and an executor object often outlives its shutdown (a global, an
+    # attribute); the standard library's holds no pipe once shut down.
+    from tensorslab.testing import leaked_segments
+
+    before = set(leaked_segments())
+    ex = executor("fork", 1)
+    assert ex.submit(tasks.big_result, 8 << 20).result(TIMEOUT).nbytes == 8 << 20
+    if broken:
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(tasks.kill_self).result(TIMEOUT)
+    ex.shutdown()
+    gc.collect()
+    assert [leak for leak in leaked_segments() if leak not in before] == []
+    ex.shutdown()  # again: nothing left to close
+    with pytest.raises((RuntimeError, BrokenProcessPool)):
+        ex.submit(tasks.power, 2)

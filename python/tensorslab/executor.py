@@ -352,8 +352,11 @@ class _Manager(threading.Thread):
                 return
 
     def _wake(self) -> None:
+        sender = self.results_tx
+        if sender is None:
+            return  # the channels are closed and dropped: the thread has stopped
         try:
-            self.results_tx.put_nowait(None)
+            sender.put_nowait(None)
         except (Full, Closed, ValueError):
             pass  # the ring is full (the thread wakes anyway) or the executor already closed
 
@@ -450,7 +453,12 @@ class _Manager(threading.Thread):
             if self.closed:
                 return
             self.closed = True
-        for handle in (self.tasks_tx, self.tasks_rx, self.results_tx, self.results_rx):
+            handles = (self.tasks_tx, self.tasks_rx, self.results_tx, self.results_rx)
+            # Dropped as well as closed: a closed handle keeps its segments mapped (and a
+            # grown slab's memory) until it is collected, and the executor object may live
+            # long after shutdown. Nothing uses them once closed is set (submit refuses).
+            self.tasks_tx = self.tasks_rx = self.results_tx = self.results_rx = None
+        for handle in handles:
             handle.close()
 
 
