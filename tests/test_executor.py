@@ -338,3 +338,38 @@ def test_an_executor_dropped_without_shutdown_stops_its_workers():
     del ex
     gc.collect()
     wait_until(lambda: all(reaped(pid) for pid in pids), "reaped")
+
+
+def test_max_workers_stays_within_what_a_channel_admits(monkeypatch):
+    # A channel admits 256 processes: the parent and 255 workers. A default of one worker
+    # per CPU on a bigger machine started them all and broke the pool at the 256th; refused
+    # up front instead, with the words the standard library uses for its Windows limit.
+    monkeypatch.setattr(os, "cpu_count", lambda: 512)
+    monkeypatch.setattr(os, "process_cpu_count", lambda: 512, raising=False)
+    ex = tensorslab.ProcessPoolExecutor()
+    assert ex._max_workers == 255
+    ex.shutdown()
+    with pytest.raises(ValueError, match="max_workers must be <= 255"):
+        tensorslab.ProcessPoolExecutor(256)
+    tensorslab.ProcessPoolExecutor(255).shutdown()  # nothing started: never used
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["shutdown", "broken"])
+def test_shutdown_releases_the_segments_while_the_executor_lives(broken):
+    # A closed handle keeps its segments mapped (a grown slab's memory with them) until it
+    # is collected, and an executor object often outlives its shutdown (a global, an
+    # attribute); the standard library's holds no pipe once shut down.
+    from tensorslab.testing import leaked_segments
+
+    before = set(leaked_segments())
+    ex = executor("fork", 1)
+    assert ex.submit(tasks.big_result, 8 << 20).result(TIMEOUT).nbytes == 8 << 20
+    if broken:
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(tasks.kill_self).result(TIMEOUT)
+    ex.shutdown()
+    gc.collect()
+    assert [leak for leak in leaked_segments() if leak not in before] == []
+    ex.shutdown()  # again: nothing left to close
+    with pytest.raises((RuntimeError, BrokenProcessPool)):
+        ex.submit(tasks.power, 2)

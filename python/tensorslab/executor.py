@@ -57,6 +57,9 @@ EXTRA_QUEUED_CALLS = 1
 #: wait for it, since a result wakes the thread at once.
 WORKER_CHECK_SECONDS = 0.1
 
+#: A channel admits 256 processes (its process table): the parent and this many workers.
+MAX_WORKERS = 255
+
 #: The standard library's words, so code that matches on them keeps working.
 BROKEN_POOL = "A child process terminated abruptly, the process pool is not usable anymore"
 BROKEN_FUTURE = (
@@ -349,8 +352,11 @@ class _Manager(threading.Thread):
                 return
 
     def _wake(self) -> None:
+        sender = self.results_tx
+        if sender is None:
+            return  # the channels are closed and dropped: the thread has stopped
         try:
-            self.results_tx.put_nowait(None)
+            sender.put_nowait(None)
         except (Full, Closed, ValueError):
             pass  # the ring is full (the thread wakes anyway) or the executor already closed
 
@@ -447,7 +453,12 @@ class _Manager(threading.Thread):
             if self.closed:
                 return
             self.closed = True
-        for handle in (self.tasks_tx, self.tasks_rx, self.results_tx, self.results_rx):
+            handles = (self.tasks_tx, self.tasks_rx, self.results_tx, self.results_rx)
+            # Dropped as well as closed: a closed handle keeps its segments mapped (and a
+            # grown slab's memory) until it is collected, and the executor object may live
+            # long after shutdown. Nothing uses them once closed is set (submit refuses).
+            self.tasks_tx = self.tasks_rx = self.results_tx = self.results_rx = None
+        for handle in handles:
             handle.close()
 
 
@@ -465,12 +476,14 @@ class ProcessPoolExecutor(Executor):
         *,
         max_tasks_per_child: int | None = None,
     ) -> None:
-        # Checks and messages as the standard library's.
+        # Checks and messages as the standard library's; the limit as its Windows one.
         if max_workers is None:
             count = getattr(os, "process_cpu_count", os.cpu_count)()
-            max_workers = count or 1
+            max_workers = min(count or 1, MAX_WORKERS)
         elif max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
+        elif max_workers > MAX_WORKERS:
+            raise ValueError(f"max_workers must be <= {MAX_WORKERS}")
         if mp_context is None:
             if max_tasks_per_child is not None:
                 mp_context = mp.get_context("spawn")
