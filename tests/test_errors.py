@@ -238,3 +238,27 @@ def test_keyboard_interrupt_in_a_child_leaves_channel_usable():
     """The default handler: KeyboardInterrupt from a blocked get, in a child process so a
     library that ignores signals cannot take the test session down with it."""
     assert run_in_child("fork", children.keyboard_interrupt_during_get) == "interrupted"
+
+
+class _RaisesWhilePickled:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __reduce__(self):
+        raise self.error
+
+
+@pytest.mark.parametrize("error_type", [KeyboardInterrupt, SystemExit])
+def test_ctrl_c_or_exit_while_pickling_is_not_turned_into_an_encode_error(error_type):
+    """A KeyboardInterrupt or SystemExit raised while the encoder pickles part of a message
+    propagates as itself (it was wrapped as EncodeError, so Ctrl-C or sys.exit() in a
+    __reduce__ became an error about the value); the channel stays usable."""
+    tx, rx = tensorslab.channel()
+    with tx, rx:
+        # A fresh exception: a parameter's instance would keep this frame (and the
+        # channel) alive through its traceback after the test.
+        with pytest.raises(error_type):
+            tx.put({"x": _RaisesWhilePickled(error_type())})
+        tx.put("after")
+        assert rx.get(timeout=10) == "after"
+        assert rx.qsize() == 0

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use numpy::{PyArrayDescr, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::exceptions::PyException;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{
@@ -121,6 +122,13 @@ impl Failure {
     /// The `EncodeError` (or `ValueError`) to raise, e.g. `msg['batch'][3].weight: cannot
     /// send ...`.
     pub fn into_pyerr(self, py: Python<'_>) -> PyErr {
+        // Ctrl-C or `sys.exit()` inside a `__reduce__` (or any Python code the encoder ran)
+        // is not a verdict on the value: it propagates as itself.
+        if let Some(cause) = &self.cause {
+            if !cause.is_instance_of::<PyException>(py) {
+                return *self.cause.unwrap();
+            }
+        }
         let mut where_ = String::from("msg");
         for segment in self.path.iter().rev() {
             where_.push_str(segment);
