@@ -221,3 +221,14 @@ class Holder:
 
     def __init__(self, value):
         self.value = value
+
+
+class Registered:
+    """Pickled by a reducer registered with ForkingPickler (see the test that uses it)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def rebuild_registered(value):
+    return Registered(("rebuilt by the registered reducer", value))

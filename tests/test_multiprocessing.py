@@ -592,3 +592,26 @@ def test_queue_classes_take_a_type_parameter_as_the_standard_librarys_do(name):
     cls = getattr(tmp, name)
     alias = cls[int]
     assert alias.__origin__ is cls and alias.__args__ == (int,)
+
+
+def test_a_reducer_registered_after_the_first_message_is_used():
+    """The channel's pickler caches ForkingPickler's table: a registration made after it
+    was built (a reducer added, then replaced) must still take effect."""
+    from multiprocessing.reduction import ForkingPickler
+
+    q = tmp.Queue()
+    q.put(mp_children.Holder(1))  # builds the cached table
+    assert q.get(timeout=WAIT).value == 1
+    try:
+        ForkingPickler.register(
+            mp_children.Registered, lambda obj: (mp_children.rebuild_registered, (obj.value,))
+        )
+        q.put(mp_children.Registered(2))
+        assert q.get(timeout=WAIT).value == ("rebuilt by the registered reducer", 2)
+        ForkingPickler.register(
+            mp_children.Registered, lambda obj: (mp_children.Registered, (-obj.value,))
+        )
+        q.put(mp_children.Registered(3))
+        assert q.get(timeout=WAIT).value == -3
+    finally:
+        ForkingPickler._extra_reducers.pop(mp_children.Registered, None)
