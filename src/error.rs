@@ -27,6 +27,11 @@ pub enum Error {
     /// A blocking wait was interrupted by a signal handler that raised.
     #[error("interrupted")]
     Interrupted,
+    /// A call made in a quick scope (see `wait::quick_scope`) would have had to wait, grow
+    /// the slab or map a segment; nothing was changed, and the caller retries it normally.
+    /// Never reaches Python.
+    #[error("the call would have to wait")]
+    WouldBlock,
     /// Bytes that do not follow the wire format.
     #[error("{0}")]
     Decode(String),

@@ -189,6 +189,41 @@ impl Drop for CallScope {
     }
 }
 
+thread_local! {
+    /// Whether this thread is in a quick scope (see [`quick_scope`]).
+    static QUICK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While the returned guard lives, channel operations on this thread never wait: a lock
+/// that a short spin does not get, a slab that would have to grow, a segment that would
+/// have to be mapped or a peer that would have to be waited for makes the call fail with
+/// `Error::WouldBlock` instead, having changed nothing. The binding makes its first
+/// attempt at a `put` or `get` this way with the GIL held (so a call that does not need
+/// to wait never gives the GIL up and never waits to take it back), and retries without
+/// the GIL only when that fails. `quick_scope(false)` inside one restores normal waiting,
+/// for clean-up that must not fail. Scopes nest; the innermost wins.
+pub fn quick_scope(quick: bool) -> QuickScope {
+    QuickScope {
+        previous: QUICK.with(|cell| cell.replace(quick)),
+    }
+}
+
+/// True inside a [`quick_scope`].
+pub fn is_quick() -> bool {
+    QUICK.with(|cell| cell.get())
+}
+
+/// Restores the enclosing quick setting when dropped.
+pub struct QuickScope {
+    previous: bool,
+}
+
+impl Drop for QuickScope {
+    fn drop(&mut self) {
+        QUICK.with(|cell| cell.set(self.previous));
+    }
+}
+
 /// One word of a [`futex_wait_any`]: sleep while the word at `address` holds `expected`.
 /// `private`: the word lives in this process's own memory (no shared-futex lookup).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -62,11 +62,107 @@ impl Channel {
         received.ok_or_else(|| Error::Empty("no message arrived before the timeout".into()))
     }
 
+    /// Takes the next message as [`receive`](Self::receive) does, then up to
+    /// `max - 1` more that are already queued, under one hold of the ring lock (one wake-up
+    /// of waiting producers for all of them).
+    pub fn receive_many(
+        &self,
+        max: usize,
+        block: bool,
+        deadline: Deadline,
+        interrupt: Interrupt,
+    ) -> Result<Vec<Received>> {
+        let first = self.receive(block, deadline, interrupt)?;
+        let mut received = Vec::with_capacity(max.min(self.ring().len() as usize + 1));
+        received.push(first);
+        if max > 1 {
+            // What was popped stays popped: an error here only ends the batch early.
+            let _ = self.try_pop_more(max - 1, &mut received);
+        }
+        Ok(received)
+    }
+
+    /// Pops up to `max` queued messages into `out` under one hold of the ring lock; never
+    /// waits for a message.
+    fn try_pop_more(&self, max: usize, out: &mut Vec<Received>) -> Result<()> {
+        let control = self.control();
+        if self.ring().is_empty() {
+            return Ok(());
+        }
+        if !crate::wait::is_quick() {
+            let _ = self.slab.attach_all();
+        } else if !self.slab.all_attached() {
+            return Err(Error::WouldBlock);
+        }
+        let mut entries = [Entry { block: 0, origin: 0 }; 64];
+        let mut taken = 0;
+        while taken < max {
+            let batch = (max - taken).min(entries.len());
+            let count = {
+                let _guard = self.slab.lock(&control.ring_lock)?;
+                let ring = self.ring();
+                let mut count = 0;
+                while count < batch {
+                    let Some(entry) = ring.peek() else { break };
+                    // As in `try_pop`: owner first, then `head`, per message.
+                    if let Ok(header) = self.slab.header(SlabRef(entry.block)) {
+                        header.owner.store(
+                            owner_word(OWNER_RECEIVER, self.slab.slot_id()),
+                            Ordering::Relaxed,
+                        );
+                    }
+                    crate::failpoint!("pop.owned_before_head_moves");
+                    ring.pop();
+                    entries[count] = entry;
+                    count += 1;
+                }
+                count
+            };
+            if count == 0 {
+                break;
+            }
+            self.after_pops(count as u32);
+            for entry in &entries[..count] {
+                let block = SlabRef(entry.block);
+                match self.slab.content(block) {
+                    Ok((header, address, capacity)) => {
+                        let len = (header.content_len.load(Ordering::Relaxed) as usize).min(capacity);
+                        out.push(Received { block, address, len });
+                    }
+                    // As `try_pop` reports it, but the others popped with it still arrive.
+                    Err(_) => self.release_message(block),
+                }
+            }
+            taken += count;
+            if count < batch {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// After `count` pops: counts them on the word producers sleep on and wakes one.
+    fn after_pops(&self, count: u32) {
+        let control = self.control();
+        crate::failpoint!("pop.after_head_moved");
+        // SeqCst: pairs with the SeqCst waiter registration in `wait_until`.
+        control.ring.popped.fetch_add(count, Ordering::SeqCst);
+        if control.ring.producers_waiting.load(Ordering::SeqCst) > 0 {
+            futex_wake(&control.ring.popped, count.min(i32::MAX as u32) as i32);
+        }
+    }
+
     pub(super) fn try_pop(&self) -> Result<Option<Received>> {
         let control = self.control();
         // Map any new segment before taking the ring lock, never under it (mapping
         // populates every page: milliseconds). Errors surface below, under the lock.
-        let _ = self.slab.attach_all();
+        if crate::wait::is_quick() {
+            if !self.slab.all_attached() {
+                return Err(Error::WouldBlock);
+            }
+        } else {
+            let _ = self.slab.attach_all();
+        }
         let entry = {
             let _guard = self.slab.lock(&control.ring_lock)?;
             let ring = self.ring();
@@ -86,12 +182,7 @@ impl Channel {
             ring.pop();
             entry
         };
-        crate::failpoint!("pop.after_head_moved");
-        // SeqCst: pairs with the SeqCst waiter registration in `wait_until`.
-        control.ring.popped.fetch_add(1, Ordering::SeqCst);
-        if control.ring.producers_waiting.load(Ordering::SeqCst) > 0 {
-            futex_wake(&control.ring.popped, 1);
-        }
+        self.after_pops(1);
         let block = SlabRef(entry.block);
         // The entry and the block it names are shared memory: `content` checks the block
         // is in use, and the length is read once and kept within the block.
@@ -167,7 +258,9 @@ impl Channel {
     /// the watcher thread, before blocking calls and when the channel is dropped, never
     /// from a destructor. In a fork child the list is the parent's: left alone.
     pub fn run_deferred(&self) {
-        if !self.owned_here() {
+        // A quick call leaves them to the next normal call or the watcher: they wait for
+        // the heap lock, and a quick call must not.
+        if !self.owned_here() || crate::wait::is_quick() {
             return;
         }
         if self.kind().fans_out() {

@@ -69,6 +69,8 @@ impl Channel {
             }
         };
         if let Err(error) = self.wait_until_held_elsewhere(allocation.block.segment(), interrupt) {
+            // Clean-up must not fail for want of waiting (a quick call would leak the block).
+            let _normal = crate::wait::quick_scope(false);
             let _ = match kind {
                 OWNER_ALLOC => self.slab.drop_creator(allocation.block),
                 _ => self.slab.free_message(allocation.block).map(drop),
@@ -91,6 +93,10 @@ impl Channel {
         let held = &self.held_elsewhere[index];
         if held.load(Ordering::Relaxed) {
             return Ok(());
+        }
+        if crate::wait::is_quick() {
+            // Checked (and waited for) once per segment, by the normal retry.
+            return Err(Error::WouldBlock);
         }
         let started = Instant::now();
         while !self.slab.held_elsewhere(index) && self.slab.has_peers() {
@@ -217,6 +223,8 @@ impl Channel {
 
     /// Gives back a block whose put failed (and the references `publish` counted for it).
     pub fn abort_put(&self, allocation: &Allocation) {
+        // Whatever the caller's scope: the block must come back.
+        let _normal = crate::wait::quick_scope(false);
         let _ = self.slab.free_message(allocation.block);
     }
 }

@@ -27,6 +27,14 @@ impl Writer {
         Writer::default()
     }
 
+    /// An empty writer with room for `capacity` bytes (one allocation for a small message,
+    /// not one per doubling).
+    pub fn with_capacity(capacity: usize) -> Writer {
+        Writer {
+            buffer: Vec::with_capacity(capacity),
+        }
+    }
+
     pub fn clear(&mut self) {
         self.buffer.clear();
     }

@@ -52,3 +52,41 @@ pub fn wait_raw<T: Send>(
         work(&mut check)
     })
 }
+
+/// How a call is first tried: once in a quick scope with the GIL held, or directly as
+/// [`wait_raw`] does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// Held the GIL; never waits (see `wait::quick_scope`); the call must not block.
+    Quick,
+    /// Without the GIL; may block as the caller asked.
+    Normal,
+}
+
+/// Runs `work(Attempt::Quick, ..)` with the GIL held and nothing allowed to wait; when it
+/// would have had to (`Error::WouldBlock`, or an error `retry` accepts: `Full`/`Empty` of
+/// a call that may block), runs `work(Attempt::Normal, ..)` as [`wait_raw`]. A call that
+/// finds room or a message at once so never gives up the GIL: releasing and re-taking it
+/// costs a few hundred nanoseconds alone, and the re-take can wait for another Python
+/// thread's whole switch interval (5 ms). `quick == false` skips the first try (large
+/// copies, which other threads should not wait for).
+pub fn quick_then_wait<T: Send>(
+    py: Python<'_>,
+    quick: bool,
+    retry: impl Fn(&Error) -> bool,
+    mut work: impl FnMut(Attempt, Interrupt) -> Result<T> + Send,
+) -> Result<T> {
+    if quick {
+        let outcome = {
+            let _scope = crate::wait::quick_scope(true);
+            // Nothing waits in a quick scope, so there is no wake-up to check signals at.
+            work(Attempt::Quick, &mut || Ok(()))
+        };
+        match outcome {
+            Err(Error::WouldBlock) => {}
+            Err(error) if retry(&error) => {}
+            done => return done,
+        }
+    }
+    wait_raw(py, |interrupt| work(Attempt::Normal, interrupt))
+}

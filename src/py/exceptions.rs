@@ -1,7 +1,7 @@
 //! The one place where core errors become Python exceptions. The classes live in
 //! `tensorslab/exceptions.py` (multiple inheritance from `queue.Full`, `TypeError`,
 //! ... is plain there); this module looks them up once and raises them.
-use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
@@ -35,6 +35,10 @@ impl From<Error> for PyErr {
             Error::Interrupted => {
                 PyErr::take(py).unwrap_or_else(|| PyKeyboardInterrupt::new_err("interrupted"))
             }
+            // Retried without the GIL by the caller, so only a bug gets here.
+            Error::WouldBlock => PyRuntimeError::new_err(
+                "tensorslab internal error: a non-waiting attempt escaped its retry",
+            ),
             Error::Decode(m) => raise(py, "DecodeError", m),
             Error::Encode(m) => raise(py, "EncodeError", m),
             Error::InvalidArgument(m) => PyValueError::new_err(m),

@@ -3,7 +3,7 @@
 //! `channel::Ticket`) that counts as an open handle until another process redeems it.
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyStopIteration, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -11,7 +11,7 @@ use pyo3::types::{PyBytes, PyDict, PyTuple};
 use pyo3::PyClassInitializer;
 
 use super::alloc;
-use super::blocking::{deadline, wait, wait_raw};
+use super::blocking::{deadline, quick_then_wait, wait, Attempt};
 use super::decode::{Decoder, Mode};
 use super::encode::Encoder;
 use super::frame::Frame;
@@ -21,6 +21,10 @@ use crate::error::Error;
 use crate::header::{read_buffers, FrameHeader, Reader};
 use crate::procs::Side;
 use crate::wait::Deadline;
+
+/// Frames up to this size are first put with the GIL held (see `quick_then_wait`); larger
+/// ones are copied without it, so other Python threads run meanwhile.
+const QUICK_COPY_LIMIT: usize = 256 << 10;
 
 /// Counters of one handle, for `stats()`.
 #[derive(Default)]
@@ -311,23 +315,34 @@ impl Sender {
         let frame = &frame;
         let alloc_bytes = encoded.alloc_bytes;
         let encoded = &mut encoded;
-        let blocked = wait(py, move |interrupt| {
-            let started = Instant::now();
-            let allocation = channel.begin_put(frame.len(), block, deadline, interrupt)?;
-            let mut blocked = started.elapsed();
-            // SAFETY: the block holds at least `frame.len()` bytes and is ours alone until
-            // published; the payload sources are kept alive by `encoded`.
-            unsafe { frame.write(encoded, allocation.address, true) };
-            let buffers: Vec<_> = encoded.buffers.iter().map(|held| held.block()).collect();
-            let publishing = Instant::now();
-            if let Err(error) = channel.publish(&allocation, &buffers, block, deadline, interrupt) {
-                // Also drops the references to `alloc` buffers that publish counted.
-                channel.abort_put(&allocation);
-                return Err(error);
-            }
-            blocked += publishing.elapsed();
-            Ok(blocked)
-        })?;
+        let blocked = quick_then_wait(
+            py,
+            frame.len() <= QUICK_COPY_LIMIT,
+            |error| block && matches!(error, Error::Full(_)),
+            move |attempt, interrupt| {
+                let (block, timed) = match attempt {
+                    Attempt::Quick => (false, false),
+                    Attempt::Normal => (block, true),
+                };
+                let started = timed.then(Instant::now);
+                let allocation = channel.begin_put(frame.len(), block, deadline, interrupt)?;
+                let mut blocked = started.map_or(Duration::ZERO, |at| at.elapsed());
+                // SAFETY: the block holds at least `frame.len()` bytes and is ours alone
+                // until published; the payload sources are kept alive by `encoded`.
+                unsafe { frame.write(encoded, allocation.address, true) };
+                let buffers: Vec<_> = encoded.buffers.iter().map(|held| held.block()).collect();
+                let publishing = timed.then(Instant::now);
+                if let Err(error) =
+                    channel.publish(&allocation, &buffers, block, deadline, interrupt)
+                {
+                    // Also drops the references to `alloc` buffers that publish counted.
+                    channel.abort_put(&allocation);
+                    return Err(error);
+                }
+                blocked += publishing.map_or(Duration::ZERO, |at| at.elapsed());
+                Ok(blocked)
+            },
+        )?;
         // Statistics only: saturate rather than fail a put that succeeded.
         slf.as_super()
             .get()
@@ -490,10 +505,23 @@ fn receive<'py>(
     copy: bool,
 ) -> Result<Bound<'py, PyAny>, GetError> {
     let channel = handle.open()?;
-    let started = Instant::now();
-    let received = wait_raw(py, |interrupt| channel.receive(block, deadline, interrupt))
-        .map_err(GetError::Core)?;
-    let blocked = started.elapsed();
+    let mut blocked = Duration::ZERO;
+    let blocked_out = &mut blocked;
+    let received = quick_then_wait(
+        py,
+        true,
+        |error| block && matches!(error, Error::Empty(_)),
+        |attempt, interrupt| match attempt {
+            Attempt::Quick => channel.receive(false, deadline, interrupt),
+            Attempt::Normal => {
+                let started = Instant::now();
+                let received = channel.receive(block, deadline, interrupt);
+                *blocked_out = started.elapsed();
+                received
+            }
+        },
+    )
+    .map_err(GetError::Core)?;
     let len = received.len;
     let (value, alloc_bytes) = decode_received(py, channel, received, copy, false)?;
     handle.counters.record(len + alloc_bytes as usize, blocked);

@@ -160,8 +160,36 @@ fn cache_pidfd(id: &ProcessId, fd: i32) -> bool {
     true
 }
 
+/// This process's pid, cached: `getpid` is a system call (glibc stopped caching it), and
+/// every channel operation asks. Zero means "not known": a fork child starts with its
+/// parent's value, so a `pthread_atfork` child handler (registered before the first value
+/// is cached) clears it before `fork` returns there.
+static PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+extern "C" fn forget_pid_in_child() {
+    PID.store(0, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub fn current_pid() -> u32 {
-    std::process::id()
+    use std::sync::atomic::Ordering::Relaxed;
+    // Relaxed: the value is this process's own, written by this process only (or cleared
+    // in a fork child by the only thread there).
+    let cached = PID.load(Relaxed);
+    if cached != 0 {
+        return cached;
+    }
+    static HANDLER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // SAFETY: registers a handler that only stores to an atomic (async-signal-safe, as a
+    // fork child handler must be); no pointer is passed.
+    let registered = *HANDLER.get_or_init(
+        || unsafe { libc::pthread_atfork(None, None, Some(forget_pid_in_child)) } == 0,
+    );
+    let pid = std::process::id();
+    // Without the handler a cached pid could outlive a fork: then never cache.
+    if registered {
+        PID.store(pid, Relaxed);
+    }
+    pid
 }
 
 pub fn process_start_time(pid: u32) -> Option<u64> {

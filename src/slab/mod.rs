@@ -145,6 +145,14 @@ impl Slab {
     }
 
     /// Maps every segment of the slab this process has not mapped yet.
+    /// True when every segment of the slab that is not lost is mapped in this process.
+    pub fn all_attached(&self) -> bool {
+        // Acquire: pairs with the Release store in `grow`.
+        let count = self.heap().segment_count.load(Ordering::Acquire) as usize;
+        (0..count.min(self.segments.len()))
+            .all(|index| self.segments[index].get().is_some() || self.is_lost(index))
+    }
+
     pub fn attach_all(&self) -> Result<()> {
         // Acquire: pairs with the Release store in `grow`.
         let count = self.heap().segment_count.load(Ordering::Acquire) as usize;
@@ -200,6 +208,15 @@ impl Slab {
     /// reference counts are derived data and are rebuilt from the blocks.
     pub fn lock<'a>(&'a self, word: &'a LockWord) -> Result<LockGuard<'a>> {
         let me = self.slot_id();
+        if crate::wait::is_quick() {
+            // Spin and yield a little, never sleep: a holder that is slow, stopped or dead
+            // is dealt with by the normal retry.
+            let guard = word
+                .try_lock(Holder::new(me.index, me.generation))
+                .ok_or_else(|| Error::WouldBlock)?;
+            self.after_acquiring(word);
+            return Ok(guard);
+        }
         let heap_lock = std::ptr::eq(word, &self.control().heap_lock);
         let mut expired = None;
         let guard = word.lock_until(
@@ -492,6 +509,10 @@ impl Slab {
             let _guard = self.lock(&self.control().heap_lock)?;
             if let Some(block) = self.take_fitting(size)? {
                 return self.carve(block, size, content_len, owner).map(Some);
+            }
+            if crate::wait::is_quick() {
+                // Growing takes milliseconds (reserving and populating pages).
+                return Err(Error::WouldBlock);
             }
             match self.reserve_growth(size)? {
                 Some(growth) => growth,

@@ -195,10 +195,40 @@ impl<'py> Decoder<'py, '_> {
 /// are all valid), so an unbounded cache would grow with every message a sender crafts.
 const DTYPE_CACHE_LIMIT: usize = 1024;
 
+/// Dtype texts searched in order before the hash map: a program uses a handful, and
+/// comparing a few short strings costs less than hashing one.
+const DTYPE_FEW: usize = 16;
+
+#[derive(Default)]
+struct DtypeCache {
+    few: Vec<(Box<str>, Py<PyArrayDescr>)>,
+    many: HashMap<String, Py<PyArrayDescr>>,
+}
+
+impl DtypeCache {
+    fn get(&self, text: &str) -> Option<&Py<PyArrayDescr>> {
+        match self.few.iter().find(|(known, _)| &**known == text) {
+            Some((_, dtype)) => Some(dtype),
+            None => self.many.get(text),
+        }
+    }
+
+    fn insert(&mut self, text: &str, dtype: &Bound<'_, PyArrayDescr>) {
+        if self.get(text).is_some() {
+            return;
+        }
+        if self.few.len() < DTYPE_FEW {
+            self.few.push((text.into(), dtype.clone().unbind()));
+        } else if self.many.len() < DTYPE_CACHE_LIMIT {
+            self.many.insert(text.to_owned(), dtype.clone().unbind());
+        }
+    }
+}
+
 /// `np.dtype(text)`, cached per process.
 pub fn numpy_dtype<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyArrayDescr>> {
-    static CACHE: PyOnceLock<Mutex<HashMap<String, Py<PyArrayDescr>>>> = PyOnceLock::new();
-    let cache = CACHE.get_or_init(py, || Mutex::new(HashMap::new()));
+    static CACHE: PyOnceLock<Mutex<DtypeCache>> = PyOnceLock::new();
+    let cache = CACHE.get_or_init(py, || Mutex::new(DtypeCache::default()));
     // The lock is held only around map operations, never across a call into Python: code
     // run there could let another thread take the GIL and then wait for this lock.
     let cached = cache
@@ -218,13 +248,10 @@ pub fn numpy_dtype<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAr
     if dtype.has_object() {
         return Err(corrupt("object dtype outside a pickle"));
     }
-    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-    if cache.len() < DTYPE_CACHE_LIMIT {
-        cache
-            .entry(text.to_owned())
-            .or_insert_with(|| dtype.clone().unbind());
-    }
-    drop(cache);
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(text, &dtype);
     Ok(dtype)
 }
 

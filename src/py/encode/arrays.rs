@@ -3,7 +3,9 @@
 use numpy::{PyArrayDescr, PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyString};
+use std::sync::Mutex;
 
 use super::copy::reserve_for;
 use super::{Encoder, Failure, Payload, Source, Step};
@@ -34,6 +36,49 @@ pub(super) enum Strides {
 fn wire_int(value: usize, what: &str) -> Result<i64, Failure> {
     i64::try_from(value)
         .map_err(|_| Failure::out_of_range(format!("dtype {what} of {value} does not fit in i64")))
+}
+
+/// Plain dtypes (no fields, no subarray) whose wire text is cached, at most: a program
+/// uses a handful; past this, texts are asked for each time.
+const DTYPE_TEXT_LIMIT: usize = 64;
+
+/// The wire text (`dtype.str`) of plain dtypes met before, by descriptor. `dtype.str` formats
+/// a new string on every call, which was a third of the cost of encoding a small array.
+/// Each entry keeps its descriptor alive, so its address never names another dtype while
+/// cached; a plain descriptor's `str` (byte order, kind, item size, datetime unit) cannot
+/// change. The lock is held only around the search and the insertion, never across a call
+/// into Python.
+static DTYPE_TEXTS: PyOnceLock<Mutex<Vec<(Py<PyArrayDescr>, Box<str>)>>> = PyOnceLock::new();
+
+/// Writes the cached wire text of `dtype`, if it has one; false when it has none.
+fn write_cached_dtype_text(
+    py: Python<'_>,
+    dtype: &Bound<'_, PyArrayDescr>,
+    out: &mut crate::header::Writer,
+) -> bool {
+    let texts = DTYPE_TEXTS.get_or_init(py, || Mutex::new(Vec::new()));
+    let texts = texts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    match texts.iter().find(|(known, _)| known.as_ptr() == dtype.as_ptr()) {
+        Some((_, text)) => {
+            out.str_value(text);
+            true
+        }
+        None => false,
+    }
+}
+
+fn cache_dtype_text(py: Python<'_>, dtype: &Bound<'_, PyArrayDescr>, text: &str) {
+    let texts = DTYPE_TEXTS.get_or_init(py, || Mutex::new(Vec::new()));
+    let mut texts = texts
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if texts.len() < DTYPE_TEXT_LIMIT
+        && !texts
+            .iter()
+            .any(|(known, _)| known.as_ptr() == dtype.as_ptr())
+    {
+        texts.push((dtype.clone().unbind(), text.into()));
+    }
 }
 
 impl<'py> Encoder<'py> {
@@ -93,10 +138,12 @@ impl<'py> Encoder<'py> {
                 self.out.tag(Tag::Int);
                 self.out.ivarint(wire_int(dim, "subarray dimension")?);
             }
+        } else if write_cached_dtype_text(py, dtype, &mut self.out) {
         } else {
             let text = dtype.getattr(intern!(py, "str"))?;
-            self.out
-                .str_value(&text.cast::<PyString>().map_err(PyErr::from)?.to_cow()?);
+            let text = text.cast::<PyString>().map_err(PyErr::from)?.to_cow()?;
+            self.out.str_value(&text);
+            cache_dtype_text(py, dtype, &text);
         }
         Ok(())
     }
