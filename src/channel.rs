@@ -54,7 +54,9 @@ const REAP_INTERVAL: Duration = Duration::from_millis(100);
 const HELD_ELSEWHERE_WAIT: Duration = Duration::from_secs(2);
 /// How long a consumer spins on an empty ring, or a producer on a full one, before sleeping
 /// (latency against CPU; see `Channel::spin`).
-const SPIN: Duration = Duration::from_micros(20);
+pub const SPIN: Duration = Duration::from_micros(20);
+/// The longest spin a channel may ask for (`spin_us=`): a second.
+pub const MAX_SPIN: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct ChannelOptions {
@@ -63,6 +65,8 @@ pub struct ChannelOptions {
     pub max_slab_bytes: Option<u64>,
     pub strict: bool,
     pub kind: Kind,
+    /// How long a blocked get or put spins before sleeping (see `Channel::spin`).
+    pub spin: Duration,
 }
 
 impl Default for ChannelOptions {
@@ -73,6 +77,7 @@ impl Default for ChannelOptions {
             max_slab_bytes: None,
             strict: false,
             kind: Kind::Channel,
+            spin: SPIN,
         }
     }
 }
@@ -99,6 +104,8 @@ pub struct Channel {
     last_reap: AtomicU64,
     /// Per segment: seen mapped by another live process (see `wait_until_held_elsewhere`).
     held_elsewhere: Vec<AtomicBool>,
+    /// How long a blocked call spins before sleeping (`ControlBlock::spin_ns`).
+    spin: Duration,
     /// Releases that found the heap lock taken (see `receive::Deferred`).
     deferred: std::sync::Mutex<Vec<receive::Deferred>>,
     /// This process's holds on broadcast and mailbox messages and subscribers.
@@ -188,6 +195,8 @@ impl Channel {
         );
         block.channel_id.store(id, Ordering::Relaxed);
         block.capacity.store(capacity as u32, Ordering::Relaxed);
+        let spin = options.spin.min(MAX_SPIN).as_nanos() as u32;
+        block.spin_ns.store(spin, Ordering::Relaxed);
         let strict = if options.strict { FLAG_STRICT } else { 0 };
         block
             .flags
@@ -268,7 +277,11 @@ impl Channel {
         if let Some(pending) = pending {
             block.adopt_pending(pending, slot);
         }
+        // Read once and capped: a peer that corrupts it later changes nothing here.
+        let spin =
+            Duration::from_nanos(u64::from(block.spin_ns.load(Ordering::Relaxed))).min(MAX_SPIN);
         let channel = Arc::new(Channel {
+            spin,
             slab: Slab::new(control, backing, id, slot, crate::header::frame_buffer_refs),
             id,
             control_len,

@@ -20,7 +20,8 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"TSLBCTL\0");
 /// Version 2: slot generations in owner words, lock words and pending entries; handle
 /// totals derived from the slots; `alloc` references counted under the heap lock.
 /// Version 3: broadcast and latest-value channels (`FanOut`, `SharedPrefix`).
-pub const ABI_VERSION: u32 = 3;
+/// Version 4: `spin_ns`.
+pub const ABI_VERSION: u32 = 4;
 
 /// Process slots: how many processes may use one channel at the same time.
 pub const MAX_PROCESSES: usize = 256;
@@ -151,6 +152,10 @@ pub struct ControlBlock {
     pub channel_id: AtomicU64,
     pub capacity: AtomicU32,
     pub flags: AtomicU32,
+    /// How long a blocked call spins before sleeping, in nanoseconds (`spin_us=`); written
+    /// once at creation, read once per attaching process (and capped there).
+    pub spin_ns: AtomicU32,
+    pub _reserved0: AtomicU32,
     pub max_slab_bytes: AtomicU64,
     pub control_len: AtomicU64,
     pub ring_lock: LockWord,

@@ -37,7 +37,8 @@ impl Channel {
         if !block {
             return Err(Error::Empty("channel is empty".into()));
         }
-        if let Some(received) = self.spin(|ring| !ring.is_empty(), || self.try_pop())? {
+        let waiting = Some(&self.control().ring.consumers_waiting);
+        if let Some(received) = self.spin(waiting, |ring| !ring.is_empty(), || self.try_pop())? {
             return Ok(received);
         }
         let ring_state = &self.control().ring;
@@ -94,7 +95,10 @@ impl Channel {
         } else if !self.slab.all_attached() {
             return Err(Error::WouldBlock);
         }
-        let mut entries = [Entry { block: 0, origin: 0 }; 64];
+        let mut entries = [Entry {
+            block: 0,
+            origin: 0,
+        }; 64];
         let mut taken = 0;
         while taken < max {
             let batch = (max - taken).min(entries.len());
@@ -126,8 +130,13 @@ impl Channel {
                 let block = SlabRef(entry.block);
                 match self.slab.content(block) {
                     Ok((header, address, capacity)) => {
-                        let len = (header.content_len.load(Ordering::Relaxed) as usize).min(capacity);
-                        out.push(Received { block, address, len });
+                        let len =
+                            (header.content_len.load(Ordering::Relaxed) as usize).min(capacity);
+                        out.push(Received {
+                            block,
+                            address,
+                            len,
+                        });
                     }
                     // As `try_pop` reports it, but the others popped with it still arrive.
                     Err(_) => self.release_message(block),
@@ -141,14 +150,27 @@ impl Channel {
         Ok(())
     }
 
-    /// After `count` pops: counts them on the word producers sleep on and wakes one.
+    /// After `count` pops: counts them on the word producers sleep on, and wakes producers
+    /// asleep on a full ring once a quarter of it is free (or all of it, for rings of
+    /// fewer than 4 cells: at once), as many as there are free cells. Waking them one pop at
+    /// a time made the consumer, the one process everybody waits for, pay a system call per
+    /// message whenever producers outnumber it: with 8 producers on 2 cores a consumer did
+    /// 0.16x the messages of one producer's. A producer left asleep below the mark wakes at
+    /// its next bounded sleep (`wait::MAX_SLEEP`), or as soon as the ring drains to the mark.
     fn after_pops(&self, count: u32) {
         let control = self.control();
         crate::failpoint!("pop.after_head_moved");
         // SeqCst: pairs with the SeqCst waiter registration in `wait_until`.
         control.ring.popped.fetch_add(count, Ordering::SeqCst);
-        if control.ring.producers_waiting.load(Ordering::SeqCst) > 0 {
-            futex_wake(&control.ring.popped, count.min(i32::MAX as u32) as i32);
+        let waiting = control.ring.producers_waiting.load(Ordering::SeqCst);
+        if waiting == 0 {
+            return;
+        }
+        let capacity = self.capacity as u64;
+        let free = capacity.saturating_sub(self.ring().len());
+        if free >= (capacity / 4).max(1) {
+            let wake = free.min(u64::from(waiting)).min(i32::MAX as u64) as i32;
+            futex_wake(&control.ring.popped, wake);
         }
     }
 

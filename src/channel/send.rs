@@ -173,16 +173,27 @@ impl Channel {
         Ok(())
     }
 
-    /// Spins for up to `SPIN` while `ready` says nothing can be done, trying `attempt` when
-    /// it says something can. Sleeping and being woken costs tens of microseconds on a
-    /// virtual machine (a futex round trip), far more than the next pop or push of a peer
-    /// that is keeping up, so a short spin first saves both sides the system calls.
+    /// Spins for up to the channel's spin time (`spin_us=`, 20 µs by default) while `ready`
+    /// says nothing can be done, trying `attempt` when it says something can. Sleeping and
+    /// being woken costs tens of microseconds on a virtual machine (a futex round trip),
+    /// far more than the next pop or push of a peer that is keeping up, so a short spin
+    /// first saves both sides the system calls.
+    ///
+    /// No spin when another process already sleeps for the same thing (`waiting`, the
+    /// count of the word the caller would sleep on, when only one of them can be served:
+    /// not for broadcast subscribers): it got there first and will be served first, and with more processes than cores (DataLoader workers, RL actors) a spinning
+    /// producer takes the processor the consumer needs to make room.
     pub(super) fn spin<T>(
         &self,
+        waiting: Option<&AtomicU32>,
         ready: impl Fn(&Ring<'_>) -> bool,
         mut attempt: impl FnMut() -> Result<Option<T>>,
     ) -> Result<Option<T>> {
-        let spin_until = Instant::now() + SPIN;
+        // Relaxed: a hint only; a stale count costs one spin or one sleep too many.
+        if self.spin.is_zero() || waiting.is_some_and(|count| count.load(Ordering::Relaxed) > 0) {
+            return Ok(None);
+        }
+        let spin_until = Instant::now() + self.spin;
         let ring = self.ring();
         while Instant::now() < spin_until {
             if ready(&ring) {
@@ -199,6 +210,7 @@ impl Channel {
     pub(super) fn spin_until_pushed(&self, entry: Entry) -> Result<bool> {
         Ok(self
             .spin(
+                Some(&self.control().ring.producers_waiting),
                 |ring| !ring.is_full(),
                 || Ok(self.try_push(entry)?.then_some(())),
             )?

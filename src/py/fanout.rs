@@ -367,6 +367,7 @@ fn create(
         max_slab_bytes,
         strict: false,
         kind,
+        ..Default::default()
     })?;
     channel.open_handle(Side::Sender);
     Ok(channel)

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyStopIteration, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use pyo3::PyClassInitializer;
 
 use super::alloc;
+use super::batch;
 use super::blocking::{deadline, quick_then_wait, wait, Attempt};
 use super::decode::{Decoder, Mode};
 use super::encode::Encoder;
@@ -21,10 +22,6 @@ use crate::error::Error;
 use crate::header::{read_buffers, FrameHeader, Reader};
 use crate::procs::Side;
 use crate::wait::Deadline;
-
-/// Frames up to this size are first put with the GIL held (see `quick_then_wait`); larger
-/// ones are copied without it, so other Python threads run meanwhile.
-const QUICK_COPY_LIMIT: usize = 256 << 10;
 
 /// Counters of one handle, for `stats()`.
 #[derive(Default)]
@@ -54,6 +51,8 @@ pub struct Handle {
     /// counts it once it was handed to the child or used there (see `channel::registry`).
     counted_in: AtomicU32,
     pub(super) counters: Counters,
+    /// Messages a `get_many` took and has not returned yet (see `batch`).
+    pub(super) stash: std::sync::Mutex<batch::Stash>,
     /// A broadcast subscriber's entry (see `channel::fanout`), held by this handle in the
     /// process `subscriber_in` names (as `counted_in`, for the entry's holder bits).
     pub(super) subscriber: Option<SubscriberId>,
@@ -78,6 +77,7 @@ impl Handle {
             side,
             closed: AtomicBool::new(false),
             counters: Counters::default(),
+            stash: Default::default(),
             subscriber,
         }
     }
@@ -149,6 +149,7 @@ impl Handle {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        batch::Stash::release(&self.stash, &self.channel);
         if counted {
             self.channel.close_handle(self.side);
         }
@@ -307,48 +308,23 @@ impl Sender {
     ) -> PyResult<()> {
         let channel = slf.as_super().get().open()?;
         let deadline = deadline(timeout)?;
-        let mut encoded = Encoder::new(py, channel.strict(), Some(channel.id()))?
+        let encoded = Encoder::new(py, channel.strict(), Some(channel.id()))?
             .between_processes()
             .encode(obj)
             .map_err(|failure| failure.into_pyerr(py))?;
-        let frame = Frame::plan(&encoded)?;
-        let frame = &frame;
-        let alloc_bytes = encoded.alloc_bytes;
-        let encoded = &mut encoded;
-        let blocked = quick_then_wait(
-            py,
-            frame.len() <= QUICK_COPY_LIMIT,
-            |error| block && matches!(error, Error::Full(_)),
-            move |attempt, interrupt| {
-                let (block, timed) = match attempt {
-                    Attempt::Quick => (false, false),
-                    Attempt::Normal => (block, true),
-                };
-                let started = timed.then(Instant::now);
-                let allocation = channel.begin_put(frame.len(), block, deadline, interrupt)?;
-                let mut blocked = started.map_or(Duration::ZERO, |at| at.elapsed());
-                // SAFETY: the block holds at least `frame.len()` bytes and is ours alone
-                // until published; the payload sources are kept alive by `encoded`.
-                unsafe { frame.write(encoded, allocation.address, true) };
-                let buffers: Vec<_> = encoded.buffers.iter().map(|held| held.block()).collect();
-                let publishing = timed.then(Instant::now);
-                if let Err(error) =
-                    channel.publish(&allocation, &buffers, block, deadline, interrupt)
-                {
-                    // Also drops the references to `alloc` buffers that publish counted.
-                    channel.abort_put(&allocation);
-                    return Err(error);
-                }
-                blocked += publishing.map_or(Duration::ZERO, |at| at.elapsed());
-                Ok(blocked)
-            },
-        )?;
-        // Statistics only: saturate rather than fail a put that succeeded.
-        slf.as_super()
-            .get()
-            .counters
-            .record(frame.len().saturating_add(alloc_bytes), blocked);
-        Ok(())
+        batch::put_encoded(py, slf.as_super().get(), channel, encoded, block, deadline)
+    }
+
+    /// Puts every object of `objs` in order (see `batch::put_many`).
+    #[pyo3(signature = (objs, block = true, timeout = None))]
+    fn put_many(
+        slf: &Bound<'_, Self>,
+        py: Python<'_>,
+        objs: &Bound<'_, PyAny>,
+        block: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        batch::put_many(py, slf.as_super().get(), objs, block, deadline(timeout)?)
     }
 
     fn put_nowait(slf: &Bound<'_, Self>, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -432,6 +408,28 @@ impl Receiver {
             .map_err(|error| error.into_pyerr(py))
     }
 
+    /// The next message and up to `max_messages - 1` more already queued, as a list (see
+    /// `batch::get_many`).
+    #[pyo3(signature = (max_messages = 64, block = true, timeout = None, copy = false))]
+    fn get_many<'py>(
+        slf: &Bound<'_, Self>,
+        py: Python<'py>,
+        max_messages: usize,
+        block: bool,
+        timeout: Option<f64>,
+        copy: bool,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let deadline = deadline(timeout)?;
+        batch::get_many(
+            py,
+            slf.as_super().get(),
+            max_messages,
+            block,
+            deadline,
+            copy,
+        )
+    }
+
     fn get_nowait<'py>(slf: &Bound<'_, Self>, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         Self::get(slf, py, false, None, false)
     }
@@ -505,6 +503,10 @@ fn receive<'py>(
     copy: bool,
 ) -> Result<Bound<'py, PyAny>, GetError> {
     let channel = handle.open()?;
+    if !batch::Stash::is_empty(&handle.stash) {
+        let list = batch::get_many(py, handle, 1, block, deadline, copy)?;
+        return Ok(list.get_item(0)?);
+    }
     let mut blocked = Duration::ZERO;
     let blocked_out = &mut blocked;
     let received = quick_then_wait(
@@ -567,12 +569,13 @@ pub(super) fn decode_received<'py>(
 }
 
 #[pyfunction]
-#[pyo3(signature = (capacity = 64, *, slab_bytes = None, max_slab_bytes = None, strict = false))]
+#[pyo3(signature = (capacity = 64, *, slab_bytes = None, max_slab_bytes = None, strict = false, spin_us = None))]
 pub fn channel(
     capacity: i64,
     slab_bytes: Option<u64>,
     max_slab_bytes: Option<u64>,
     strict: bool,
+    spin_us: Option<f64>,
 ) -> PyResult<(Py<Sender>, Py<Receiver>)> {
     let capacity = usize::try_from(capacity)
         .map_err(|_| PyValueError::new_err(format!("capacity must be positive, got {capacity}")))?;
@@ -582,6 +585,7 @@ pub fn channel(
         max_slab_bytes,
         strict,
         kind: Kind::Channel,
+        spin: spin_duration(spin_us)?,
     })?;
     channel.open_handle(Side::Sender);
     channel.open_handle(Side::Receiver);
@@ -597,6 +601,21 @@ pub fn channel(
             )?,
         ))
     })
+}
+
+/// `spin_us=`: how long a blocked get or put spins before sleeping; `None` is the default.
+fn spin_duration(spin_us: Option<f64>) -> PyResult<Duration> {
+    let max = crate::channel::MAX_SPIN;
+    match spin_us {
+        None => Ok(crate::channel::SPIN),
+        Some(us) if us.is_finite() && us >= 0.0 && us <= max.as_secs_f64() * 1e6 => {
+            Ok(Duration::from_secs_f64(us / 1e6))
+        }
+        Some(us) => Err(PyValueError::new_err(format!(
+            "spin_us must be between 0 and {} (microseconds), got {us}",
+            max.as_micros()
+        ))),
+    }
 }
 
 /// Unpickles a handle: attaches this process to the channel and redeems the ticket.

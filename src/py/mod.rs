@@ -4,6 +4,7 @@ use pyo3::prelude::*;
 
 mod aio;
 mod alloc;
+mod batch;
 mod blocking;
 mod decode;
 mod dlpack;

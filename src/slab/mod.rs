@@ -213,7 +213,7 @@ impl Slab {
             // is dealt with by the normal retry.
             let guard = word
                 .try_lock(Holder::new(me.index, me.generation))
-                .ok_or_else(|| Error::WouldBlock)?;
+                .ok_or(Error::WouldBlock)?;
             self.after_acquiring(word);
             return Ok(guard);
         }

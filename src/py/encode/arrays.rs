@@ -48,7 +48,8 @@ const DTYPE_TEXT_LIMIT: usize = 64;
 /// cached; a plain descriptor's `str` (byte order, kind, item size, datetime unit) cannot
 /// change. The lock is held only around the search and the insertion, never across a call
 /// into Python.
-static DTYPE_TEXTS: PyOnceLock<Mutex<Vec<(Py<PyArrayDescr>, Box<str>)>>> = PyOnceLock::new();
+type DtypeTexts = Mutex<Vec<(Py<PyArrayDescr>, Box<str>)>>;
+static DTYPE_TEXTS: PyOnceLock<DtypeTexts> = PyOnceLock::new();
 
 /// Writes the cached wire text of `dtype`, if it has one; false when it has none.
 fn write_cached_dtype_text(
@@ -57,8 +58,13 @@ fn write_cached_dtype_text(
     out: &mut crate::header::Writer,
 ) -> bool {
     let texts = DTYPE_TEXTS.get_or_init(py, || Mutex::new(Vec::new()));
-    let texts = texts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    match texts.iter().find(|(known, _)| known.as_ptr() == dtype.as_ptr()) {
+    let texts = texts
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    match texts
+        .iter()
+        .find(|(known, _)| known.as_ptr() == dtype.as_ptr())
+    {
         Some((_, text)) => {
             out.str_value(text);
             true

@@ -122,6 +122,12 @@ impl Failure {
     /// The `EncodeError` (or `ValueError`) to raise, e.g. `msg['batch'][3].weight: cannot
     /// send ...`.
     pub fn into_pyerr(self, py: Python<'_>) -> PyErr {
+        self.into_pyerr_at(py, "msg")
+    }
+
+    /// As [`into_pyerr`](Self::into_pyerr), naming the value `root` in the path (e.g.
+    /// `objs[3]` for the fourth message of a `put_many`).
+    pub fn into_pyerr_at(self, py: Python<'_>, root: &str) -> PyErr {
         // Ctrl-C or `sys.exit()` inside a `__reduce__` (or any Python code the encoder ran)
         // is not a verdict on the value: it propagates as itself.
         if let Some(cause) = &self.cause {
@@ -129,7 +135,7 @@ impl Failure {
                 return *self.cause.unwrap();
             }
         }
-        let mut where_ = String::from("msg");
+        let mut where_ = String::from(root);
         for segment in self.path.iter().rev() {
             where_.push_str(segment);
         }
