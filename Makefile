@@ -22,10 +22,11 @@ export PYO3_PYTHON := $(CURDIR)/$(PY)
 # Examples and benchmarks that exist; each is run in CI with `--smoke` when it takes it.
 EXAMPLES := $(wildcard examples/*.py)
 SMOKE_BENCHES := $(wildcard benches/compare.py benches/rl.py benches/executor.py \
-	benches/asyncio_bench.py)
+	benches/asyncio_bench.py benches/small.py)
 RUFF_PATHS := $(wildcard python tests benches examples)
 
-.PHONY: venv rust build test lint cargo-test failpoints loom pytest examples demo bench soak \
+.PHONY: venv bench-env rust build test lint cargo-test failpoints loom pytest examples demo bench \
+	soak \
 	clean distclean
 
 # --- set-up ---------------------------------------------------------------------------
@@ -36,6 +37,28 @@ venv: $(VENV)/.stamp
 $(VENV)/.stamp: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_PACKAGES)
+	touch $@
+
+# The peers benches/small.py compares against: never runtime or test dependencies, so they
+# live in a venv of their own that sees .venv's packages (numpy, torch, tensorslab) through a
+# .pth, which runs `site.addsitedir` so .venv's own .pth files (an editable install) apply.
+BENCH_VENV := .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_PEERS := iceoryx2 faster-fifo dejaq spdl py-sharedmemory InterProcessPyObjects
+BENCH_PTH := $(BENCH_VENV)/lib/python$(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)/site-packages/main-venv.pth
+
+bench-env: $(BENCH_VENV)/.stamp
+
+# A peer that fails to install is reported by small.py as "not installed", so each is
+# installed on its own and a failure does not stop the others.
+$(BENCH_VENV)/.stamp: $(VENV)/.stamp Makefile
+	test -x $(BENCH_PY) || $(PY) -m venv --without-pip $(BENCH_VENV)
+	test -x $(BENCH_VENV)/bin/pip || $(BENCH_PY) -m ensurepip --upgrade
+	$(PY) -c 'import site, sys; print("import site; site.addsitedir(%r)" % site.getsitepackages()[0])' \
+		> $(BENCH_PTH)
+	for peer in $(BENCH_PEERS); do \
+		$(BENCH_PY) -m pip install "$$peer" || echo "bench-env: $$peer did not install" >&2; \
+	done
 	touch $@
 
 # A stable toolchain with rustfmt and clippy; installed with rustup only when missing.
@@ -105,7 +128,8 @@ examples: build
 demo: build
 	$(PY) examples/demo.py
 
-bench: build
+bench: build bench-env
+	$(BENCH_PY) benches/small.py
 	$(PY) benches/compare.py
 	$(PY) benches/dataloader.py
 	$(PY) benches/executor.py
