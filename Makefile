@@ -52,8 +52,7 @@ bench-env: $(BENCH_VENV)/.stamp
 # A peer that fails to install is reported by small.py as "not installed", so each is
 # installed on its own and a failure does not stop the others.
 $(BENCH_VENV)/.stamp: $(VENV)/.stamp Makefile
-	test -x $(BENCH_PY) || $(PY) -m venv --without-pip $(BENCH_VENV)
-	test -x $(BENCH_VENV)/bin/pip || $(BENCH_PY) -m ensurepip --upgrade
+	test -x $(BENCH_PY) || $(PY) -m venv $(BENCH_VENV)
 	$(PY) -c 'import site, sys; print("import site; site.addsitedir(%r)" % site.getsitepackages()[0])' \
 		> $(BENCH_PTH)
 	for peer in $(BENCH_PEERS); do \

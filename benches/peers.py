@@ -394,9 +394,15 @@ class InterProcessPyObjects(Peer):
     module = "ipc_py_objects"
 
     def missing(self) -> str | None:
-        return super().missing() or (
-            "adapter not written yet: its shared-memory manager is driven by cengal's "
-            "coroutine scheduler on both sides, which this loop does not host"
+        if reason := super().missing():
+            return reason
+        try:
+            import ipc_py_objects.versions.v_2  # noqa: F401
+        except Exception as error:  # noqa: BLE001 - whatever breaks its import is the reason
+            return f"installed, but its import fails: {type(error).__name__}: {error}"
+        return (
+            "adapter not written yet: its message exchange is the asyncio shared-memory "
+            "manager (an event loop in each process), which this loop does not host"
         )
 
 
