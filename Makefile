@@ -25,9 +25,8 @@ SMOKE_BENCHES := $(wildcard benches/compare.py benches/rl.py benches/executor.py
 	benches/asyncio_bench.py benches/small.py)
 RUFF_PATHS := $(wildcard python tests benches examples)
 
-.PHONY: venv bench-env rust build test lint cargo-test failpoints loom pytest examples demo bench \
-	soak \
-	clean distclean
+.PHONY: venv bench-env rust build test lint cargo-test failpoints loom pytest examples demo \
+	bench soak clean distclean
 
 # --- set-up ---------------------------------------------------------------------------
 
@@ -45,7 +44,6 @@ $(VENV)/.stamp: Makefile
 BENCH_VENV := .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_PEERS := iceoryx2 faster-fifo dejaq spdl py-sharedmemory InterProcessPyObjects
-BENCH_PTH := $(BENCH_VENV)/lib/python$(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)/site-packages/main-venv.pth
 
 bench-env: $(BENCH_VENV)/.stamp
 
@@ -53,8 +51,8 @@ bench-env: $(BENCH_VENV)/.stamp
 # installed on its own and a failure does not stop the others.
 $(BENCH_VENV)/.stamp: $(VENV)/.stamp Makefile
 	test -x $(BENCH_PY) || $(PY) -m venv $(BENCH_VENV)
-	$(PY) -c 'import site, sys; print("import site; site.addsitedir(%r)" % site.getsitepackages()[0])' \
-		> $(BENCH_PTH)
+	$(PY) -c 'import site; print("import site; site.addsitedir(%r)" % site.getsitepackages()[0])' \
+		> "$$($(BENCH_PY) -c 'import site; print(site.getsitepackages()[0])')/main-venv.pth"
 	for peer in $(BENCH_PEERS); do \
 		$(BENCH_PY) -m pip install "$$peer" || echo "bench-env: $$peer did not install" >&2; \
 	done
@@ -152,4 +150,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(BENCH_VENV)

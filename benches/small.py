@@ -376,11 +376,23 @@ def _cold_consumer(rx: Any, out: Any, ready: Any) -> None:
     del message
 
 
+def available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * KiB
+    return 0
+
+
 def cold_start(nbytes: int) -> dict:
     """The first message of ``nbytes`` through a new channel against a fresh shared mmap
     written once by one thread; each GiB/s is bytes over time from the write's start."""
     import tensorslab
 
+    need = 2 * nbytes + GiB  # the source and the slab (later the mapping), with headroom
+    if available_bytes() < need:
+        raise Unsupported(f"skipped: {available_bytes() / GiB:.1f} GiB available, "
+                          f"{need / GiB:.1f} GiB needed")
     src = np.full(nbytes, 7, np.uint8)
     tx, rx = tensorslab.channel(capacity=1, max_slab_bytes=nbytes + 256 * MiB)
     errors, ready, out = CTX.Queue(), CTX.Value("i", 0), RawArray("q", 1)
