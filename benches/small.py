@@ -20,6 +20,7 @@ every transport's time per message is reported above.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import mmap
 import os
@@ -625,6 +626,14 @@ def details(res: dict) -> list[str]:
     return out
 
 
+def iceoryx2_files() -> set[Path]:
+    """What iceoryx2 leaves behind: its global management segment in /dev/shm, and the
+    folder /tmp/iceoryx2 (its node and service records, which it removes itself)."""
+    shm = set(Path("/dev/shm").glob("iox2_*"))
+    folders = [Path("/tmp/iceoryx2/nodes"), Path("/tmp/iceoryx2/services"), Path("/tmp/iceoryx2")]
+    return shm | {f for f in folders if f.is_dir()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few seconds, for CI")
@@ -633,7 +642,16 @@ def main() -> None:
     opts.window_s = 0.2 if opts.smoke else 1.0
     opts.warmup_s = 0.1 if opts.smoke else 0.3
     began = time.perf_counter()
-    res = run(opts)
+    before = iceoryx2_files()
+    try:
+        res = run(opts)
+    finally:
+        for path in sorted(iceoryx2_files() - before, reverse=True):  # files, then folders
+            if path.is_dir():
+                with contextlib.suppress(OSError):  # not empty: somebody else's
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
     rows = table(res)
     head = ("case", "target", "measured", "ratio", "met?")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
