@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from multiprocessing.sharedctypes import RawArray
 from pathlib import Path
 from typing import Any
@@ -646,6 +647,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a few seconds, for CI")
     parser.add_argument("--json", type=Path, default=RESULTS)
     opts = parser.parse_args()
+    # py-sharedmemory warns when its sender is closed with messages left unread: the run
+    # stops its consumers mid-stream on purpose.
+    warnings.filterwarnings("ignore", message="Closing the sender discards")
     opts.window_s = 0.2 if opts.smoke else 1.0
     opts.warmup_s = 0.1 if opts.smoke else 0.3
     began = time.perf_counter()
