@@ -22,11 +22,11 @@ export PYO3_PYTHON := $(CURDIR)/$(PY)
 # Examples and benchmarks that exist; each is run in CI with `--smoke` when it takes it.
 EXAMPLES := $(wildcard examples/*.py)
 SMOKE_BENCHES := $(wildcard benches/compare.py benches/rl.py benches/executor.py \
-	benches/asyncio_bench.py)
+	benches/asyncio_bench.py benches/small.py)
 RUFF_PATHS := $(wildcard python tests benches examples)
 
-.PHONY: venv rust build test lint cargo-test failpoints loom pytest examples demo bench soak \
-	clean distclean
+.PHONY: venv bench-env rust build test lint cargo-test failpoints loom pytest examples demo \
+	bench soak clean distclean
 
 # --- set-up ---------------------------------------------------------------------------
 
@@ -36,6 +36,26 @@ venv: $(VENV)/.stamp
 $(VENV)/.stamp: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_PACKAGES)
+	touch $@
+
+# The peers benches/small.py compares against: never runtime or test dependencies, so they
+# live in a venv of their own that sees .venv's packages (numpy, torch, tensorslab) through a
+# .pth, which runs `site.addsitedir` so .venv's own .pth files (an editable install) apply.
+BENCH_VENV := .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_PEERS := iceoryx2 faster-fifo dejaq spdl py-sharedmemory InterProcessPyObjects
+
+bench-env: $(BENCH_VENV)/.stamp
+
+# A peer that fails to install is reported by small.py as "not installed", so each is
+# installed on its own and a failure does not stop the others.
+$(BENCH_VENV)/.stamp: $(VENV)/.stamp Makefile
+	test -x $(BENCH_PY) || $(PY) -m venv $(BENCH_VENV)
+	$(PY) -c 'import site; print("import site; site.addsitedir(%r)" % site.getsitepackages()[0])' \
+		> "$$($(BENCH_PY) -c 'import site; print(site.getsitepackages()[0])')/main-venv.pth"
+	for peer in $(BENCH_PEERS); do \
+		$(BENCH_PY) -m pip install "$$peer" || echo "bench-env: $$peer did not install" >&2; \
+	done
 	touch $@
 
 # A stable toolchain with rustfmt and clippy; installed with rustup only when missing.
@@ -105,7 +125,8 @@ examples: build
 demo: build
 	$(PY) examples/demo.py
 
-bench: build
+bench: build bench-env
+	$(BENCH_PY) benches/small.py
 	$(PY) benches/compare.py
 	$(PY) benches/dataloader.py
 	$(PY) benches/executor.py
@@ -129,4 +150,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(BENCH_VENV)
