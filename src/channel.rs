@@ -131,6 +131,8 @@ pub struct SharedStats {
     pub outstanding: u64,
     /// Pids of the processes attached now (dead ones until they are reaped).
     pub processes: Vec<u32>,
+    /// Periodic sweeps for dead peers so far, by every process of the channel.
+    pub liveness_sweeps: u64,
 }
 
 fn side_index(side: Side) -> usize {

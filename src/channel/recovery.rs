@@ -50,6 +50,8 @@ impl Channel {
         if std::env::var_os("TENSORSLAB_FAILPOINT_NO_REAP").is_some() {
             return; // the failpoint matrix decides who reaps, with `reap_now`
         }
+        // Relaxed: a statistic.
+        self.control().sweep.count.fetch_add(1, Ordering::Relaxed);
         self.reap_now();
     }
 
