@@ -72,7 +72,9 @@ def measure(count: int, mode: str, window: float, settle: float, trace: bool) ->
     ctx = mp.get_context("fork")
     tx, rx = tensorslab.channel(capacity=8)
     ready = ctx.Semaphore(0)
-    children = [ctx.Process(target=child, args=(rx, mode, ready), daemon=True) for _ in range(count)]
+    children = [
+        ctx.Process(target=child, args=(rx, mode, ready), daemon=True) for _ in range(count)
+    ]
     for process in children:
         process.start()
     for _ in children:
@@ -96,7 +98,10 @@ def measure(count: int, mode: str, window: float, settle: float, trace: bool) ->
     )
     if calls is not None:
         total, by_name = calls
-        top = ", ".join(f"{name} {n / elapsed:.0f}" for name, n in sorted(by_name.items(), key=lambda kv: -kv[1])[:5])
+        top = ", ".join(
+            f"{name} {n / elapsed:.0f}"
+            for name, n in sorted(by_name.items(), key=lambda kv: -kv[1])[:5]
+        )
         line += f"; traced child: {total / elapsed:.0f} syscalls/s ({top})"
     print(line, flush=True)
     for process in children:
@@ -108,7 +113,9 @@ def measure(count: int, mode: str, window: float, settle: float, trace: bool) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--counts", type=int, nargs="+", default=[2, 16, 64])
     parser.add_argument("--mode", choices=["get", "hold", "both"], default="both")
     parser.add_argument("--window", type=float, default=5.0)
@@ -116,7 +123,10 @@ def main() -> None:
     parser.add_argument("--strace", action="store_true", help="also count one child's syscalls")
     args = parser.parse_args()
     modes = ["get", "hold"] if args.mode == "both" else [args.mode]
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, window {args.window} s", flush=True)
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, window {args.window} s",
+        flush=True,
+    )
     for count in args.counts:
         for mode in modes:
             measure(count, mode, args.window, args.settle, args.strace)

@@ -49,10 +49,8 @@ def _end(children: list) -> None:
 
 def _wait_until_gone(handle, pids: set[int]) -> None:
     deadline = time.monotonic() + NOTICE_TIMEOUT
-    while pids & set(handle.stats()["processes"]):
-        assert time.monotonic() < deadline, (
-            f"dead peers {sorted(pids & set(handle.stats()['processes']))} not noticed in {NOTICE_TIMEOUT} s"
-        )
+    while left := pids & set(handle.stats()["processes"]):
+        assert time.monotonic() < deadline, f"dead peers {sorted(left)} not noticed in time"
         time.sleep(0.02)
 
 
@@ -72,7 +70,9 @@ def test_idle_processes_share_one_sweep_per_interval(count):
         # so claims are an interval apart whatever the number of processes (today's code
         # had each of the count + 1 processes sweep every interval).
         bound = elapsed / INTERVAL + 2
-        assert swept <= bound, f"{swept} sweeps in {elapsed:.2f} s by {count + 1} processes (at most {bound:.0f})"
+        assert swept <= bound, (
+            f"{swept} sweeps in {elapsed:.2f} s by {count + 1} processes (at most {bound:.0f})"
+        )
         # And sweeps go on (bounded wait, not a rate).
         deadline = time.monotonic() + NOTICE_TIMEOUT
         while rx.stats()["liveness_sweeps"] - first < swept + 3:
