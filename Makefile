@@ -90,7 +90,7 @@ cargo-test: rust
 # Crash consistency: SIGKILL at every failpoint in every role, invariants checked after
 # (tests/failpoints.rs prints the matrix). The feature is never in wheels.
 failpoints: rust
-	cargo test --features failpoints --test failpoints --test failpoints_fanout
+	cargo test --features failpoints --test failpoints --test failpoints_fanout --test failpoints_sweep
 
 # The loom models (`cfg(loom)`: the ring, the lock word with dead-holder breaking, the
 # alloc-buffer references), two preemptions deep (the smaller models go to three), in

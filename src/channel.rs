@@ -47,7 +47,8 @@ const MAX_CAPACITY: usize = 1 << 20;
 const DEFAULT_FIRST_SEGMENT: u64 = 4 << 20;
 /// Share of the available memory a channel may map when `max_slab_bytes` is not given.
 const DEFAULT_MAX_SHARE: f64 = 0.5;
-/// How often a blocked call checks for peers that died.
+/// How often the channel's processes, between them, sweep for peers that died (see
+/// `recovery`).
 const REAP_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest wait for a peer to map a segment this process just created (see
 /// `Channel::wait_until_held_elsewhere`).
@@ -99,9 +100,9 @@ pub struct Channel {
     /// In a fork child: whether every inherited handle counts here (a bare `os.fork`), or
     /// only those handed to the new process and those it uses (see `registry`).
     counts_inherited: AtomicBool,
-    /// When this process last looked for dead peers (`monotonic_millis`). An atomic, not a
-    /// `Mutex`, so a fork child never inherits it locked.
-    last_reap: AtomicU64,
+    /// Set when a reap this process runs could not finish (a lock wait reached its call's
+    /// deadline): its next chance to sweep resumes it, claimed or not (see `recovery`).
+    reap_unfinished: AtomicBool,
     /// Per segment: seen mapped by another live process (see `wait_until_held_elsewhere`).
     held_elsewhere: Vec<AtomicBool>,
     /// How long a blocked call spins before sleeping (`ControlBlock::spin_ns`).
@@ -138,6 +139,8 @@ pub struct SharedStats {
     pub outstanding: u64,
     /// Pids of the processes attached now (dead ones until they are reaped).
     pub processes: Vec<u32>,
+    /// Periodic sweeps for dead peers so far, by every process of the channel.
+    pub liveness_sweeps: u64,
 }
 
 fn side_index(side: Side) -> usize {
@@ -290,7 +293,7 @@ impl Channel {
             pid: AtomicU32::new(current_pid()),
             fork_pending: AtomicU64::new(0),
             counts_inherited: AtomicBool::new(false),
-            last_reap: AtomicU64::new(0),
+            reap_unfinished: AtomicBool::new(false),
             held_elsewhere: (0..layout::MAX_SEGMENTS)
                 .map(|_| AtomicBool::new(false))
                 .collect(),
@@ -451,7 +454,7 @@ impl Channel {
 
     /// Runs `attempt` until it yields a value, sleeping on `word` between tries. Returns
     /// `Ok(None)` when the deadline passes. Every wake-up (at least every 50 ms) runs
-    /// `interrupt` and, every 100 ms, a check for dead peers.
+    /// `interrupt` and, when the channel's sweep is due, a sweep for dead peers.
     fn wait_until<T>(
         &self,
         word: &AtomicU32,
@@ -476,7 +479,7 @@ impl Channel {
             }
             waiters.fetch_sub(1, Ordering::SeqCst);
             interrupt()?;
-            self.reap_if_due();
+            let _ = self.reap_if_due();
         }
     }
 }

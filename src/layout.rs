@@ -165,6 +165,19 @@ pub struct ControlBlock {
     pub handles: HandleState,
     pub processes: [ProcessSlot; MAX_PROCESSES],
     pub fan_out: FanOut,
+    pub sweep: SweepState,
+}
+
+/// The liveness sweep the channel's processes share (see `channel::recovery`): one of
+/// them looks for dead peers per interval, whoever claims it first, instead of each of
+/// them every interval.
+#[repr(C)]
+pub struct SweepState {
+    /// When the next sweep is due, in milliseconds of `CLOCK_MONOTONIC`; 0 = now. A process
+    /// claims a sweep by moving it one interval past its own clock (CAS).
+    pub due: AtomicU64,
+    /// Sweeps claimed so far, by every process (for `stats()` and the tests).
+    pub count: AtomicU64,
 }
 
 /// Channel flag: refuse values that would need pickling.

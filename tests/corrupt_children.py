@@ -49,8 +49,8 @@ PROCESSES = 4024
 PROCESS_SLOT = 272
 PROCESS_SEGMENT_FDS = 44
 PID_MASK = (1 << 30) - 1  # `ProcessSlot::state`: generation:32 | phase:2 | pid:30
-CONTROL_BLOCK_SIZE = 81856
-RING_OFFSET = 81856  # the control block rounded up to 64
+CONTROL_BLOCK_SIZE = 81872
+RING_OFFSET = 81920  # the control block rounded up to 64
 CELL = 16
 # Block header (`slab::block::BlockHeader`), offsets from the start of a block.
 SIZE_STATE = 0

@@ -5,10 +5,10 @@
 //! of the slot: a reused slot never inherits blocks): the producer while it fills it
 //! (`SENDER`) and pushes it (`QUEUED`), the consumer that took it (`RECEIVER`, set under
 //! the ring lock before `head` moves), or the process an `alloc` buffer belongs to
-//! (`ALLOC`). A process that exits without closing is noticed within about 100 ms by the
-//! other processes' watcher threads (see `watcher.rs`) and by any peer blocked in a call:
-//! `reap_dead` drops its handles and pending entries, and `reclaim` frees what it held,
-//! except blocks still in the ring, which stay for the other consumers:
+//! (`ALLOC`). A process that exits without closing is noticed within about 100 ms by a
+//! sweep (see below): `reap_dead` drops its handles and pending entries, and `reclaim`
+//! frees what it held, except blocks still in the ring, which stay for the other
+//! consumers:
 //!
 //! - a message it had taken is freed with the references it held to `alloc` buffers:
 //!   delivery is *at most once* to a consumer that dies, exactly once otherwise;
@@ -20,6 +20,20 @@
 //! or owner, so `reclaim` is idempotent: a reaper that dies half-way is taken over by the
 //! next one (see `procs`), which runs it again and finds only what is left to do.
 //!
+//! # Sharing the sweep
+//!
+//! A sweep judges every peer, so if each of n processes swept every interval the channel
+//! would pay n² checks per interval. Instead the channel holds the time its next sweep is
+//! due (`SweepState::due`); a process that finds it passed claims the sweep by moving it one
+//! interval on (a CAS: one winner) and sweeps. The processes asking are the watcher threads
+//! (see `watcher.rs`: the one that swept last comes back at the next due time, the others
+//! only every second, as stand-ins) and every call blocked in a wait, at each of its
+//! wake-ups. So a sweep runs about every interval whoever is left: nothing is held while
+//! sweeping, and a sweeper that stops or dies half-way only means the next claimant, one
+//! interval later, sweeps again (resuming the reap it left, see `procs`). A blocked call
+//! notices a dead peer within about an interval as before, by the sweep of whoever claimed
+//! it (the reap wakes every waiter) or by its own claim.
+//!
 //! A producer waiting for memory is such a blocked peer, so memory held by a dead consumer
 //! returns at the latest when a producer needs it, and usually ~100 ms after the death.
 use std::collections::HashSet;
@@ -27,37 +41,64 @@ use std::collections::HashSet;
 use super::{Channel, REAP_INTERVAL};
 use crate::error::Error;
 use crate::procs::SlotId;
+use crate::shm::Census;
 use crate::slab::block::{
     owner_kind, owner_slot, OWNER_ALLOC, OWNER_QUEUED, OWNER_RECEIVER, OWNER_SENDER,
 };
 use crate::sync::Ordering;
 
 impl Channel {
-    /// Notices peers that died without closing (rate-limited).
-    pub fn reap_if_due(&self) {
-        let now = monotonic_millis();
-        let last = self.last_reap.load(Ordering::Relaxed);
-        // Relaxed: the stamp only rate-limits; whoever wins the exchange does the reaping.
-        if now.saturating_sub(last) < REAP_INTERVAL.as_millis() as u64
-            || self
-                .last_reap
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            return;
-        }
+    /// Sweeps for peers that died without closing if the channel's next sweep is due,
+    /// claiming it (see "Sharing the sweep" in the module docs); also resumes a reap this
+    /// process left unfinished. True when this process claimed the sweep.
+    pub fn reap_if_due(&self) -> bool {
         #[cfg(feature = "failpoints")]
         if std::env::var_os("TENSORSLAB_FAILPOINT_NO_REAP").is_some() {
-            return; // the failpoint matrix decides who reaps, with `reap_now`
+            return false; // the failpoint matrix decides who reaps, with `reap_now`
         }
-        self.reap_now();
+        let sweep = &self.control().sweep;
+        let interval = REAP_INTERVAL.as_millis() as u64;
+        let now = monotonic_millis();
+        // Relaxed: the word only schedules sweeps; what a sweep reads is ordered by the
+        // slot states' own Acquire loads.
+        let due = sweep.due.load(Ordering::Relaxed);
+        // A due time more than two intervals ahead was set by a clock that is not ours (a
+        // peer in another time namespace): ours decides, so sweeps never stop for it.
+        let on_time = now < due && due - now <= 2 * interval;
+        let claimed = !on_time
+            && sweep
+                .due
+                .compare_exchange(due, now + interval, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        if claimed {
+            crate::failpoint!("sweep.claimed");
+            // Relaxed: a statistic.
+            sweep.count.fetch_add(1, Ordering::Relaxed);
+        }
+        // Relaxed: only this process sets and reads it.
+        if claimed || self.reap_unfinished.load(Ordering::Relaxed) {
+            self.reap_now();
+        }
+        claimed
     }
 
     /// Looks for dead peers now and takes back what they held; returns how many slots were
     /// freed.
     pub fn reap_now(&self) -> usize {
-        self.control()
-            .reap_dead(|process| process.liveness(), |dead| self.reclaim(dead))
+        // Cleared first and set on failure, so of two sweeps in this process at once the
+        // flag ends set if either left a reap unfinished (a needless resume at worst).
+        self.reap_unfinished.store(false, Ordering::Relaxed);
+        let census = Census::take();
+        self.control().reap_dead(
+            |process| census.liveness(process),
+            |dead| {
+                let done = self.reclaim(dead);
+                if !done {
+                    self.reap_unfinished.store(true, Ordering::Relaxed);
+                }
+                done
+            },
+        )
     }
 
     /// Takes back the memory a dead process held (see "Crash recovery" in the module docs).

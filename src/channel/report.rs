@@ -27,6 +27,7 @@ impl Channel {
                 .outstanding
                 .load(Ordering::Relaxed),
             processes: control.pids(None),
+            liveness_sweeps: control.sweep.count.load(Ordering::Relaxed),
         }
     }
 

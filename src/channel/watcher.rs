@@ -9,16 +9,24 @@
 //!   when nobody is blocked in a call;
 //! - it runs the releases this process deferred because the heap lock was taken.
 //!
-//! It sleeps on the slab's segment count (woken by `Slab::grow`) for at most 100 ms at a
-//! time and holds only a weak reference, so it never keeps a channel alive; it ends within
-//! one interval of the channel's last handle and view in this process. A fork child starts
-//! its own (threads do not survive fork).
+//! It sleeps on the slab's segment count (woken by `Slab::grow`). How long depends on
+//! whether it has anything periodic to do: the watcher that swept for dead peers last
+//! (see "Sharing the sweep" in `recovery.rs`) comes back when the next sweep is due, 100 ms
+//! on, and so does one with deferred releases waiting; every other watcher is a stand-in
+//! that looks only once per [`STANDBY`], so n idle processes cost about n + 10 wake-ups a
+//! second between them, not 10·n, and one sweep per interval, not n. It holds only a weak
+//! reference, so it never keeps a channel alive; it ends within one sleep of the channel's
+//! last handle and view in this process. A fork child starts its own (threads do not
+//! survive fork).
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::Channel;
+use super::{Channel, REAP_INTERVAL};
 
-const INTERVAL: Duration = Duration::from_millis(100);
+/// How long a watcher with nothing periodic to do sleeps: how soon a stand-in takes the
+/// sweeps over when no process sweeps any more (the sweeper closed the channel, or died
+/// with nobody blocked in a call, who would have taken over within an interval).
+const STANDBY: Duration = Duration::from_secs(1);
 
 pub fn start(channel: &Arc<Channel>) {
     let weak = Arc::downgrade(channel);
@@ -36,7 +44,7 @@ fn watch(weak: Weak<Channel>) {
         None => return,
     };
     loop {
-        let (word, seen) = {
+        let (word, seen, sleep) = {
             let Some(channel) = weak.upgrade() else {
                 return;
             };
@@ -45,16 +53,31 @@ fn watch(weak: Weak<Channel>) {
             }
             let _ = channel.slab().attach_all();
             channel.run_deferred();
-            channel.reap_if_due();
+            let swept = channel.reap_if_due();
+            let deferred = has_deferred(&channel);
             let count = &channel.control().heap.segment_count;
             (
                 crate::wait::word_address(count),
                 count.load(crate::sync::Ordering::Acquire),
+                if swept || deferred {
+                    REAP_INTERVAL
+                } else {
+                    STANDBY
+                },
             )
         };
         // The channel (and its mapping) may be dropped while we sleep, so the futex gets
         // the address only, never a reference: FUTEX_WAIT on an address that is no longer
         // mapped fails with EFAULT, and we loop and find the channel gone.
-        crate::wait::futex_wait_address(word, seen, INTERVAL);
+        crate::wait::futex_wait_address(word, seen, sleep);
     }
+}
+
+/// Releases left for the next run (their locks were still taken).
+fn has_deferred(channel: &Channel) -> bool {
+    let plain = channel
+        .deferred
+        .lock()
+        .map_or(true, |deferred| !deferred.is_empty());
+    plain || (channel.kind().fans_out() && channel.has_fan_out_deferred())
 }

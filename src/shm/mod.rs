@@ -15,7 +15,7 @@
 //! is an error at growth time, never a `SIGBUS` at first touch.
 mod process;
 
-pub use process::{current_pid, process_start_time, Liveness, ProcessId};
+pub use process::{current_pid, process_start_time, Census, Liveness, ProcessId};
 
 use std::ffi::CString;
 use std::io;

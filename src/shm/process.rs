@@ -9,11 +9,20 @@
 //! reap its live producer.
 //!
 //! Where the kernel has pidfds (Linux 5.3+), a peer's pidfd is opened once (after its
-//! start time was checked) and cached, so later checks are one `poll` that no pid reuse
-//! can fool. The cache is bounded; past it, or without pidfds, each check reads `/proc`.
-use std::collections::HashMap;
+//! start time was checked) and cached, so later checks need no `/proc` read and no pid
+//! reuse can fool them. A sweep over every peer of a channel takes a [`Census`] first: one
+//! `poll` over every cached pidfd, after which each cached peer is answered from memory, so
+//! a sweep costs a constant number of system calls however many peers there are (plus one
+//! look-up per peer never seen before). The census also closes the pidfds of processes
+//! that exited, so peers that came and went do not fill the cache. The cache holds up to
+//! one pidfd per process slot ([`layout::MAX_PROCESSES`](crate::layout::MAX_PROCESSES)),
+//! less where `RLIMIT_NOFILE` is low (a quarter of it, so the cache never takes the
+//! descriptors the program needs); past it, or without pidfds, each check reads `/proc`.
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
 use std::io;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 /// A process as recorded in shared memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -33,10 +42,15 @@ pub enum Liveness {
     Unknown,
 }
 
-/// Pidfds kept open for peers; past this, checks fall back to reading `/proc`.
-const PIDFD_CACHE_LIMIT: usize = 64;
+/// Pidfds kept open for peers at most, where `RLIMIT_NOFILE` allows (see `cache_limit`).
+const PIDFD_CACHE_MAX: usize = crate::layout::MAX_PROCESSES;
 
 static PIDFDS: Mutex<Option<HashMap<ProcessId, i32>>> = Mutex::new(None);
+
+/// This process's start time, once read, under the pid it was read for (a fork child has
+/// another pid, so it reads its own). The start time is stored first (Release on the pid).
+static OWN_PID: AtomicU32 = AtomicU32::new(0);
+static OWN_START_TIME: AtomicU64 = AtomicU64::new(0);
 
 impl ProcessId {
     /// This process. Fails when its start time cannot be read: a claim recorded with a
@@ -52,16 +66,25 @@ impl ProcessId {
     /// an earlier process that had its pid, with another start time, is not).
     pub fn liveness(&self) -> Liveness {
         if self.pid == current_pid() {
-            // This process, unless the record is of an earlier process that had this pid
-            // (then that one is gone). Could not look: this process, never reaped.
-            return match read_stat(self.pid) {
-                Ok((_, start_time)) if start_time != self.start_time => Liveness::Dead,
-                _ => Liveness::Alive,
-            };
+            return self.own_liveness();
         }
         if let Some(answer) = cached_pidfd_liveness(self) {
             return answer;
         }
+        self.look_up()
+    }
+
+    /// This process, unless the record is of an earlier process that had this pid (then
+    /// that one is gone). Could not look: this process, never reaped.
+    fn own_liveness(&self) -> Liveness {
+        match own_start_time(self.pid) {
+            Some(start_time) if start_time != self.start_time => Liveness::Dead,
+            _ => Liveness::Alive,
+        }
+    }
+
+    /// A peer with no cached pidfd: opens one (and caches it) or reads `/proc`.
+    fn look_up(&self) -> Liveness {
         match open_pidfd(self.pid) {
             Ok(fd) => {
                 let answer = from_stat(self, read_stat(self.pid));
@@ -86,6 +109,122 @@ impl ProcessId {
     pub fn is_alive(&self) -> bool {
         self.liveness() == Liveness::Alive
     }
+}
+
+/// One look at every cached pidfd, for a sweep over many peers (see the module docs).
+pub struct Census {
+    me: u32,
+    alive: HashSet<ProcessId>,
+    exited: HashSet<ProcessId>,
+    /// Peers asked about that the census had not seen (each then looked up on its own).
+    unseen: Cell<usize>,
+}
+
+impl Census {
+    /// Polls every cached pidfd once, closing those whose process exited. A cache that
+    /// cannot be taken (a fork child inherited it locked) makes an empty census: every
+    /// peer is then looked up as by [`ProcessId::liveness`].
+    pub fn take() -> Census {
+        let mut census = Census {
+            me: current_pid(),
+            alive: HashSet::new(),
+            exited: HashSet::new(),
+            unseen: Cell::new(0),
+        };
+        let Some(mut guard) = lock_cache() else {
+            return census;
+        };
+        let Some(cache) = guard.as_mut() else {
+            return census;
+        };
+        let ids: Vec<ProcessId> = cache.keys().copied().collect();
+        let mut entries: Vec<libc::pollfd> = ids
+            .iter()
+            .map(|id| libc::pollfd {
+                fd: cache[id],
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `entries` is a live array of `entries.len()` pollfds; zero timeout.
+        let ready = unsafe { libc::poll(entries.as_mut_ptr(), entries.len() as libc::nfds_t, 0) };
+        if ready < 0 {
+            return census; // EINTR, ENOMEM: look each peer up instead
+        }
+        for (id, entry) in ids.iter().zip(&entries) {
+            if entry.revents == 0 {
+                census.alive.insert(*id);
+            } else if entry.revents & (libc::POLLIN | libc::POLLHUP) != 0 {
+                census.exited.insert(*id);
+                if let Some(fd) = cache.remove(id) {
+                    close(fd);
+                }
+            }
+            // POLLNVAL/POLLERR: neither; `liveness` asks that one again on its own.
+        }
+        census
+    }
+
+    /// [`ProcessId::liveness`], answered from the census for the peers it saw.
+    pub fn liveness(&self, id: &ProcessId) -> Liveness {
+        if id.pid == self.me {
+            id.own_liveness()
+        } else if self.alive.contains(id) {
+            Liveness::Alive
+        } else if self.exited.contains(id) {
+            Liveness::Dead
+        } else {
+            self.unseen.set(self.unseen.get() + 1);
+            id.liveness()
+        }
+    }
+
+    /// How many peers asked about were not in the census (see `unseen`).
+    pub fn unseen(&self) -> usize {
+        self.unseen.get()
+    }
+}
+
+fn own_start_time(pid: u32) -> Option<u64> {
+    // Acquire: pairs with the Release store of the pid below, so the start time read is
+    // the one stored for this pid.
+    if OWN_PID.load(Ordering::Acquire) == pid {
+        return Some(OWN_START_TIME.load(Ordering::Relaxed));
+    }
+    let (_, start_time) = read_stat(pid).ok()?;
+    OWN_START_TIME.store(start_time, Ordering::Relaxed);
+    OWN_PID.store(pid, Ordering::Release);
+    Some(start_time)
+}
+
+/// The pidfd cache, unless it stays taken: a fork child may inherit it locked by a thread
+/// that does not exist there, so this never waits for long (callers then read `/proc`).
+fn lock_cache() -> Option<MutexGuard<'static, Option<HashMap<ProcessId, i32>>>> {
+    for _ in 0..64 {
+        match PIDFDS.try_lock() {
+            Ok(guard) => return Some(guard),
+            Err(std::sync::TryLockError::Poisoned(poison)) => return Some(poison.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => std::thread::yield_now(),
+        }
+    }
+    None
+}
+
+/// How many pidfds the cache may hold: one per process slot, or a quarter of the soft
+/// `RLIMIT_NOFILE` where that is less.
+fn cache_limit() -> usize {
+    static LIMIT: OnceLock<usize> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        // SAFETY: `rlimit` is plain old data that getrlimit fills.
+        let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid resource and a pointer to a live `rlimit`.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
+            || limit.rlim_cur == libc::RLIM_INFINITY
+        {
+            return PIDFD_CACHE_MAX;
+        }
+        PIDFD_CACHE_MAX.min((limit.rlim_cur / 4) as usize)
+    })
 }
 
 fn from_stat(id: &ProcessId, stat: io::Result<(char, u64)>) -> Liveness {
@@ -134,10 +273,8 @@ fn close(fd: i32) {
     unsafe { libc::close(fd) };
 }
 
-/// `try_lock`: a fork child may inherit the cache locked by a thread that does not exist
-/// there; it then reads `/proc` instead of waiting forever.
 fn cached_pidfd_liveness(id: &ProcessId) -> Option<Liveness> {
-    let mut guard = PIDFDS.try_lock().ok()?;
+    let mut guard = lock_cache()?;
     let cache = guard.as_mut()?;
     let fd = *cache.get(id)?;
     let answer = poll_exited(fd);
@@ -149,11 +286,11 @@ fn cached_pidfd_liveness(id: &ProcessId) -> Option<Liveness> {
 }
 
 fn cache_pidfd(id: &ProcessId, fd: i32) -> bool {
-    let Ok(mut guard) = PIDFDS.try_lock() else {
+    let Some(mut guard) = lock_cache() else {
         return false;
     };
     let cache = guard.get_or_insert_with(HashMap::new);
-    if cache.len() >= PIDFD_CACHE_LIMIT || cache.contains_key(id) {
+    if cache.len() >= cache_limit() || cache.contains_key(id) {
         return false;
     }
     cache.insert(*id, fd);
@@ -262,6 +399,71 @@ mod tests {
         assert_eq!(id.liveness(), Liveness::Dead);
         child.wait().unwrap();
         assert_eq!(id.liveness(), Liveness::Dead);
+    }
+
+    fn sleeper() -> (std::process::Child, ProcessId) {
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let id = ProcessId {
+            pid: child.id(),
+            start_time: process_start_time(child.id()).unwrap(),
+        };
+        (child, id)
+    }
+
+    fn cached(id: &ProcessId) -> bool {
+        lock_cache()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|cache| cache.contains_key(id))
+    }
+
+    #[test]
+    fn a_census_knows_every_peer_seen_before_however_many() {
+        // More peers than the 64 pidfds the cache held once (then every sweep looked the
+        // rest up in /proc again); fewer than it holds now, with room for other tests'.
+        let count = 100;
+        if cache_limit() < count + 32 {
+            eprintln!(
+                "skipped: RLIMIT_NOFILE leaves room for {} pidfds",
+                cache_limit()
+            );
+            return;
+        }
+        let (mut children, ids): (Vec<_>, Vec<_>) = (0..count).map(|_| sleeper()).unzip();
+        let first = Census::take();
+        assert!(ids.iter().all(|id| first.liveness(id) == Liveness::Alive));
+        let second = Census::take();
+        let answers: Vec<Liveness> = ids.iter().map(|id| second.liveness(id)).collect();
+        for child in &mut children {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        assert!(answers.iter().all(|&answer| answer == Liveness::Alive));
+        assert_eq!(
+            second.unseen(),
+            0,
+            "{count} peers, cache limit {}",
+            cache_limit()
+        );
+        // And once they exit, the next census knows them dead.
+        let third = Census::take();
+        assert!(ids.iter().all(|id| third.liveness(id) == Liveness::Dead));
+        assert_eq!(third.unseen(), 0);
+    }
+
+    #[test]
+    fn a_census_closes_the_pidfds_of_processes_that_exited() {
+        let (mut child, id) = sleeper();
+        assert_eq!(Census::take().liveness(&id), Liveness::Alive);
+        assert!(cached(&id));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Nobody asks about it (its slot was freed cleanly, say): its pidfd goes all the same.
+        drop(Census::take());
+        assert!(!cached(&id));
     }
 
     #[test]

@@ -278,6 +278,11 @@ impl Channel {
         std::mem::take(&mut self.holds().deferred)
     }
 
+    /// True while fan-out releases wait for the watcher's next run.
+    pub(in crate::channel) fn has_fan_out_deferred(&self) -> bool {
+        !self.holds().deferred.is_empty()
+    }
+
     /// After a fork, in the parent: the child (if any) redeems the pins.
     pub(super) fn forget_fork_pins(&self) {
         self.holds().fork_pins.clear();
