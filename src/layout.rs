@@ -20,7 +20,7 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"TSLBCTL\0");
 /// Version 2: slot generations in owner words, lock words and pending entries; handle
 /// totals derived from the slots; `alloc` references counted under the heap lock.
 /// Version 3: broadcast and latest-value channels (`FanOut`, `SharedPrefix`).
-/// Version 4: `spin_ns`.
+/// Version 4: `spin_ns`; `SweepState`.
 pub const ABI_VERSION: u32 = 4;
 
 /// Process slots: how many processes may use one channel at the same time.
