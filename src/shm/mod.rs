@@ -155,7 +155,7 @@ impl Segment {
         }
         // Mapped before its pages exist: nothing touches them until `prepare` reserved them.
         let segment = Segment::map(fd, len, false)?;
-        crate::failpoint!("grow.populating");
+        crate::failpoint!("segment.populating");
         // SAFETY: the segment maps its whole file (`len` bytes, just sized) shared and
         // writable, and no one else can reach it yet.
         unsafe { populate::prepare(&segment.fd, segment.base(), len, strategy) }.map_err(

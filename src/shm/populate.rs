@@ -150,9 +150,15 @@ fn in_threads(
         let spawned: Vec<_> = others
             .iter()
             .map(|&(from, to)| {
-                let handle = std::thread::Builder::new()
-                    .name("tensorslab-populate".into())
-                    .spawn_scoped(scope, move || work(from, to));
+                let handle = if refuse_threads() {
+                    Err(io::Error::other("no thread (test)"))
+                } else {
+                    // A system call and a loop: a small stack is plenty.
+                    std::thread::Builder::new()
+                        .name("tensorslab-populate".into())
+                        .stack_size(64 << 10)
+                        .spawn_scoped(scope, move || work(from, to))
+                };
                 (from, to, handle)
             })
             .collect();
@@ -175,9 +181,42 @@ fn in_threads(
     })
 }
 
+/// Tests make every spawn fail here, as a process at its thread limit sees.
+#[cfg(test)]
+static REFUSE_THREADS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn refuse_threads() -> bool {
+    #[cfg(test)]
+    return REFUSE_THREADS.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(test))]
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_calling_thread_does_the_ranges_no_thread_could_be_spawned_for() {
+        use std::sync::Mutex;
+        let len = 1 << 30;
+        let caller = std::thread::current().id();
+        let seen = Mutex::new(Vec::new());
+        REFUSE_THREADS.store(true, std::sync::atomic::Ordering::Relaxed);
+        let result = in_threads(0, len, |from, to| {
+            seen.lock()
+                .unwrap()
+                .push((from, to, std::thread::current().id()));
+            Ok(())
+        });
+        REFUSE_THREADS.store(false, std::sync::atomic::Ordering::Relaxed);
+        result.unwrap();
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort_by_key(|&(from, _, _)| from);
+        assert_eq!(seen.len(), thread_count(len));
+        assert!(seen.iter().all(|&(_, _, thread)| thread == caller));
+        assert_eq!((seen[0].0, seen[seen.len() - 1].1), (0, len));
+    }
 
     #[test]
     fn ranges_cover_everything_once() {
