@@ -9,14 +9,15 @@
 //! find them. It is also what makes growth fast: `fallocate` allocates under the file's
 //! lock, one thread for the whole segment, and `MAP_POPULATE` faults the pages in one thread
 //! after it, where populating disjoint ranges in a few threads allocates, zeroes and maps
-//! them in parallel (2 GiB: 1.4 s → 0.6 s on a 2-core VM; `benches/cold_start.py`).
+//! them in parallel (2 GiB on an idle 2-core VM: 1.2 s → 0.6 s; none of it when other work
+//! holds the cores: the work is the same, only spread).
 //!
 //! Where the kernel lacks it (`EINVAL`), the segment is reserved with `fallocate` and its
 //! pages are faulted in by touching one byte per page, in the same threads.
 //!
 //! Threads: at most [`MAX_THREADS`] (fewer on fewer cores), scoped, so every one has ended
 //! when [`prepare`] returns; a thread that cannot be spawned leaves its range to the caller.
-//! Nothing here takes a lock: `Slab::allocate` calls it outside the heap lock.
+//! No lock of the channel is held here: `Slab::allocate` grows outside the heap lock.
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
