@@ -58,7 +58,7 @@ pub unsafe fn prepare(
     if strategy == Strategy::PopulateWrite {
         // One page first, on this thread: a kernel without MADV_POPULATE_WRITE says EINVAL
         // at once, before any thread is spawned.
-        // SAFETY: the first page lies inside the mapping (`len` > 0, a page multiple).
+        // SAFETY: the first page (or all of a shorter mapping) lies inside the mapping.
         match unsafe { populate_write(base as usize, PAGE.min(len)) } {
             Ok(()) => {
                 // SAFETY: as the caller promised; the ranges are disjoint and inside it.
@@ -115,6 +115,9 @@ unsafe fn populate_write(start: usize, len: usize) -> io::Result<()> {
 /// How many threads prepare `len` bytes: one per [`MIN_BYTES_PER_THREAD`], at most
 /// [`MAX_THREADS`] and the cores this process may run on.
 pub fn thread_count(len: usize) -> usize {
+    if len < 2 * MIN_BYTES_PER_THREAD {
+        return 1; // without asking the system for its cores (a few reads of /sys)
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (len / MIN_BYTES_PER_THREAD).clamp(1, MAX_THREADS.min(cores))
 }
