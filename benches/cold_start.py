@@ -24,6 +24,7 @@ import gc
 import mmap
 import multiprocessing as mp
 import os
+import resource
 import threading
 import time
 
@@ -48,19 +49,28 @@ def _consumer(rx, done) -> None:
         del array
 
 
-def fresh_mmap_seconds(source: np.ndarray) -> float:
-    """A new shared mapping written once by one thread, as a new segment per message costs."""
-    started = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process, every thread included (the populating ones too)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def fresh_mmap_seconds(source: np.ndarray) -> tuple[float, float]:
+    """A new shared mapping written once by one thread, as a new segment per message costs:
+    (wall, CPU) seconds."""
+    started, cpu = time.perf_counter(), cpu_seconds()
     region = mmap.mmap(-1, source.nbytes, flags=mmap.MAP_SHARED)
     np.frombuffer(region, np.uint8)[:] = source
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     region.close()
-    return seconds
+    return seconds, cpu
 
 
 def cold_start(nbytes: int, source: np.ndarray | None = None) -> dict:
     """Seconds for the first and the second message of `nbytes` through a new channel (put
-    until the consumer has touched every page), and the fresh-mmap reference, same run."""
+    until the consumer has touched every page), and the fresh-mmap reference, same run; the
+    CPU seconds of the reference and of each put (this process, every thread), which a
+    loaded machine changes less than the wall-clock ones."""
     if source is None:
         source = np.ones(nbytes, np.uint8)
     # Before and after the channel, the faster kept: the reference is not handicapped by
@@ -77,9 +87,10 @@ def cold_start(nbytes: int, source: np.ndarray | None = None) -> dict:
     figures = {}
     try:
         for name in ("first", "second"):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), cpu_seconds()
             tx.put(source, timeout=600)
             figures[f"{name}_put_s"] = time.perf_counter() - started
+            figures[f"{name}_put_cpu_s"] = cpu_seconds() - cpu
             figures[f"{name}_s"] = done.get(timeout=600) - started
     finally:
         consumer.join(60)
@@ -87,7 +98,7 @@ def cold_start(nbytes: int, source: np.ndarray | None = None) -> dict:
     # Every handle gone, so the slab is unmapped before the second reference maps as much.
     del tx, rx
     gc.collect()
-    figures["reference_s"] = min(reference, fresh_mmap_seconds(source))
+    figures["reference_s"], figures["reference_cpu_s"] = min(reference, fresh_mmap_seconds(source))
     return figures
 
 
@@ -106,7 +117,7 @@ def parts(source: np.ndarray, threads: int) -> dict:
     fd = os.memfd_create("tensorslab-bench")
     try:
         os.ftruncate(fd, nbytes)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         if threads == 0:
             os.posix_fallocate(fd, 0, nbytes)
         reserved = time.perf_counter()
@@ -126,7 +137,7 @@ def parts(source: np.ndarray, threads: int) -> dict:
                 worker.start()
             for worker in workers:
                 worker.join()
-        populated = time.perf_counter()
+        populated, populate_cpu = time.perf_counter(), cpu_seconds() - cpu
         _libc.memmove(address, source.ctypes.data, nbytes)
         copied = time.perf_counter()
         _libc.munmap(address, nbytes)
@@ -136,6 +147,7 @@ def parts(source: np.ndarray, threads: int) -> dict:
         "reserve_s": reserved - started,
         "populate_s": populated - reserved,
         "copy_s": copied - populated,
+        "reserve+populate cpu_s": populate_cpu,
     }
 
 
@@ -152,7 +164,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[2, 8], help="GiB")
     parser.add_argument("--no-parts", action="store_true", help="skip the break-down")
     args = parser.parse_args()
-    print(f"{'size':>8} {'case':<34} {'seconds':>8} {'GiB/s':>7} {'x fresh mmap':>13}")
+    print(f"{'size':>8} {'case':<34} {'seconds':>8} {'GiB/s':>7} {'x fresh mmap':>13} {'cpu s':>6}")
     for gib in args.sizes:
         nbytes = int(gib * GiB) // PAGE * PAGE
         # The source and one mapping of its size at a time (the slab, or the reference).
@@ -163,19 +175,20 @@ def main() -> None:
         figures = cold_start(nbytes, source)
         reference = figures["reference_s"]
         rows = [
-            ("fresh shared mmap, one thread", reference),
-            ("tensorslab first: put", figures["first_put_s"]),
-            ("tensorslab first: put + get/touch", figures["first_s"]),
-            ("tensorslab second: put", figures["second_put_s"]),
-            ("tensorslab second: put + get/touch", figures["second_s"]),
+            ("fresh shared mmap, one thread", reference, figures["reference_cpu_s"]),
+            ("tensorslab first: put", figures["first_put_s"], figures["first_put_cpu_s"]),
+            ("tensorslab first: put + get/touch", figures["first_s"], None),
+            ("tensorslab second: put", figures["second_put_s"], figures["second_put_cpu_s"]),
+            ("tensorslab second: put + get/touch", figures["second_s"], None),
         ]
-        for case, seconds in rows:
+        for case, seconds, cpu in rows:
             rate, ratio = nbytes / GiB / seconds, reference / seconds
-            print(f"{gib:>6g} G {case:<34} {seconds:>8.2f} {rate:>7.2f} {ratio:>12.2f}x")
+            cpu_text = "" if cpu is None else f"{cpu:>6.2f}"
+            print(f"{gib:>6g} G {case:<34} {seconds:>8.2f} {rate:>7.2f} {ratio:>12.2f}x {cpu_text}")
         if not args.no_parts:
             for threads, label in ((0, "fallocate + MAP_POPULATE"), (2, "POPULATE_WRITE x2")):
                 got = parts(source, threads)
-                text = ", ".join(f"{key[:-2]} {value:.2f} s" for key, value in got.items())
+                text = ", ".join(f"{key[:-2]} {value:.2f}" for key, value in got.items())
                 print(f"{gib:>6g} G   parts, {label}: {text}")
         del source
 
