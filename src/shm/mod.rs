@@ -158,20 +158,21 @@ impl Segment {
         crate::failpoint!("segment.populating");
         // SAFETY: the segment maps its whole file (`len` bytes, just sized) shared and
         // writable, and no one else can reach it yet.
-        unsafe { populate::prepare(&segment.fd, segment.base(), len, strategy) }.map_err(
-            |source| {
-                let free = backing.available_bytes();
-                Error::os(
-                    format!(
-                        "reserving {} of shared memory in {} ({} free)",
-                        format_bytes(len as u64),
-                        backing.describe(),
-                        format_bytes(free)
-                    ),
-                    source,
-                )
-            },
-        )?;
+        let prepared = unsafe { populate::prepare(&segment.fd, segment.base(), len, strategy) };
+        if let Err(source) = prepared {
+            // Give back what was reserved before saying how much is free: the pages of the
+            // failed segment are not space anyone can have.
+            drop(segment);
+            return Err(Error::os(
+                format!(
+                    "reserving {} of shared memory in {} ({} free)",
+                    format_bytes(len as u64),
+                    backing.describe(),
+                    format_bytes(backing.available_bytes())
+                ),
+                source,
+            ));
+        }
         Ok(segment)
     }
 
