@@ -36,6 +36,7 @@ const PRODUCER_POINTS: &[&str] = &[
     "put.allocated",
     "allocate.taken",
     "grow.creating",
+    "segment.populating",
     "grow.created",
     "grow.published",
     "commit_message.counting",

@@ -11,9 +11,13 @@
 //! channel that holds the segment (see [`Segment::attach`]); the file identity (device,
 //! inode) recorded at creation guards against a reused pid or descriptor number.
 //!
-//! Pages are reserved with `fallocate` when a segment is created, so running out of memory
-//! is an error at growth time, never a `SIGBUS` at first touch.
+//! Every page is reserved and faulted in when a segment is created (`MADV_POPULATE_WRITE`
+//! in a few threads, or `fallocate` where the kernel lacks it: see `populate.rs`), so
+//! running out of memory is an error at growth time, never a `SIGBUS` at first touch.
+mod populate;
 mod process;
+
+pub use populate::Strategy as PopulateStrategy;
 
 pub use process::{current_pid, process_start_time, Census, Liveness, ProcessId};
 
@@ -127,26 +131,49 @@ impl Backing {
 }
 
 impl Segment {
-    /// Creates a segment of `len` bytes with every page reserved, and maps it.
+    /// Creates a segment of `len` bytes with every page reserved and faulted in, and maps it.
     pub fn create(backing: &Backing, name: &str, len: usize) -> Result<Segment> {
+        Segment::create_with(backing, name, len, PopulateStrategy::PopulateWrite)
+    }
+
+    /// [`Segment::create`] with the given way of reserving the pages (tests use the
+    /// fallback for old kernels here too).
+    pub fn create_with(
+        backing: &Backing,
+        name: &str,
+        len: usize,
+        strategy: PopulateStrategy,
+    ) -> Result<Segment> {
         let fd = backing.open_file(name)?;
-        reserve(&fd, len).map_err(|source| {
-            let free = backing.available_bytes();
-            Error::os(
-                format!(
-                    "reserving {} of shared memory in {} ({} free)",
-                    format_bytes(len as u64),
-                    backing.describe(),
-                    format_bytes(free)
-                ),
-                source,
-            )
-        })?;
+        // SAFETY: plain syscall on a descriptor we own.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(Error::last_os(format!("sizing {name}")));
+        }
         if matches!(backing, Backing::Memfd) {
             seal_size(&fd)
                 .map_err(|source| Error::os(format!("sealing the size of {name}"), source))?;
         }
-        Segment::map(fd, len)
+        // Mapped before its pages exist: nothing touches them until `prepare` reserved them.
+        let segment = Segment::map(fd, len, false)?;
+        crate::failpoint!("segment.populating");
+        // SAFETY: the segment maps its whole file (`len` bytes, just sized) shared and
+        // writable, and no one else can reach it yet.
+        let prepared = unsafe { populate::prepare(&segment.fd, segment.base(), len, strategy) };
+        if let Err(source) = prepared {
+            // Give back what was reserved before saying how much is free: the pages of the
+            // failed segment are not space anyone can have.
+            drop(segment);
+            return Err(Error::os(
+                format!(
+                    "reserving {} of shared memory in {} ({} free)",
+                    format_bytes(len as u64),
+                    backing.describe(),
+                    format_bytes(backing.available_bytes())
+                ),
+                source,
+            ));
+        }
+        Ok(segment)
     }
 
     /// Maps the segment held as descriptor `fd` by process `pid`, checking that it is the
@@ -185,23 +212,27 @@ impl Segment {
             libc::O_RDWR,
         )
         .map_err(|source| Error::os(format!("opening shared memory found at {path}"), source))?;
-        Segment::map(fd, len)
+        Segment::map(fd, len, true)
     }
 
-    fn map(fd: OwnedFd, len: usize) -> Result<Segment> {
+    /// Maps `len` bytes of `fd`, faulting every page in now when `populate` (the pages
+    /// must exist: only for segments some process has prepared).
+    fn map(fd: OwnedFd, len: usize, populate: bool) -> Result<Segment> {
         let identity = identity_of(&fd)?;
         if len == 0 {
             return Err(Error::InvalidArgument("a segment cannot be empty".into()));
         }
+        // MAP_POPULATE faults every page in now, once per process, so steady-state copies
+        // never take page faults.
+        let flags = libc::MAP_SHARED | if populate { libc::MAP_POPULATE } else { 0 };
         // SAFETY: mapping a descriptor we own with a length the file was sized to; the
-        // kernel picks the address. MAP_POPULATE faults every page in now, once per process,
-        // so steady-state copies never take page faults.
+        // kernel picks the address.
         let address = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
+                flags,
                 fd.as_raw_fd(),
                 0,
             )
@@ -248,20 +279,6 @@ impl Drop for Segment {
         // more (owners keep the `Segment` alive for as long as they hand out pointers).
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
-}
-
-fn reserve(fd: &OwnedFd, len: usize) -> io::Result<()> {
-    // SAFETY: plain syscalls on a descriptor we own.
-    let result = unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) };
-    if result != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above. posix_fallocate returns the error number instead of setting errno.
-    let result = unsafe { libc::posix_fallocate(fd.as_raw_fd(), 0, len as libc::off_t) };
-    if result != 0 {
-        return Err(io::Error::from_raw_os_error(result));
-    }
-    Ok(())
 }
 
 /// Forbids changing a memfd's size from now on, for every process that can reach it: a
@@ -391,6 +408,53 @@ mod tests {
         // SAFETY: both map the same file; byte 0 was written above.
         assert_eq!(unsafe { other.base().read() }, 42);
         assert_ne!(other.base(), segment.base());
+    }
+
+    /// Bytes of the segment's file that have pages behind them.
+    fn allocated_bytes(segment: &Segment) -> u64 {
+        let stat = file_stat(&segment.fd).unwrap();
+        stat.st_blocks as u64 * 512
+    }
+
+    #[test]
+    fn every_page_is_reserved_at_creation_whichever_the_strategy() {
+        // Large enough for several populating threads where there are cores for them.
+        let len = 3 * (64 << 20) + 4096;
+        for strategy in [
+            PopulateStrategy::PopulateWrite,
+            PopulateStrategy::FallocateAndTouch,
+        ] {
+            let segment =
+                Segment::create_with(&Backing::Memfd, "tensorslab-prep", len, strategy).unwrap();
+            assert!(
+                allocated_bytes(&segment) >= len as u64,
+                "{strategy:?}: only {} of {len} bytes reserved",
+                allocated_bytes(&segment)
+            );
+            // Each thread's range, its ends included, holds what was written, seen through
+            // a second mapping of the same file.
+            let other =
+                Segment::attach(current_pid(), segment.raw_fd(), len, segment.identity()).unwrap();
+            let offsets = [
+                0,
+                4095,
+                4096,
+                64 << 20,
+                (128 << 20) + 1,
+                len - 4096,
+                len - 1,
+            ];
+            for (value, &offset) in offsets.iter().enumerate() {
+                // SAFETY: every offset is inside the `len`-byte mapping.
+                unsafe { segment.base().add(offset).write(value as u8 + 1) };
+            }
+            for (value, &offset) in offsets.iter().enumerate() {
+                // SAFETY: as above, through the other mapping.
+                assert_eq!(unsafe { other.base().add(offset).read() }, value as u8 + 1);
+            }
+            // SAFETY: inside both mappings; never written, so zero (fresh pages).
+            assert_eq!(unsafe { other.base().add(1 << 20).read() }, 0);
+        }
     }
 
     #[test]

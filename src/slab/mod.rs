@@ -494,10 +494,11 @@ impl Slab {
     /// `Ok(None)`: no room now (the caller may wait on `HeapState::freed`, which is bumped
     /// when memory is freed or the slab grows).
     ///
-    /// Growing creates and maps a segment (`memfd_create`, `fallocate`, `MAP_POPULATE`:
-    /// milliseconds) *outside* the heap lock, so frees and other allocations never wait for
-    /// it: the grower reserves the growth under the lock (`HeapState::growing`), creates
-    /// the segment unlocked, and installs it under the lock. A reservation whose process
+    /// Growing creates and maps a segment (`memfd_create`, then every page reserved and
+    /// faulted in by a few threads: milliseconds, seconds for gigabytes) *outside* the heap
+    /// lock, so frees and other allocations never wait for it: the grower reserves the
+    /// growth under the lock (`HeapState::growing`), creates the segment unlocked, and
+    /// installs it under the lock. A reservation whose process
     /// died is taken over; other allocators meanwhile get `None` and wait for `freed`.
     pub fn allocate(&self, content_len: usize, owner: u64) -> Result<Option<Allocation>> {
         let size = Self::block_size(content_len).ok_or_else(|| too_large(content_len))?;
