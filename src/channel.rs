@@ -357,6 +357,11 @@ impl Channel {
     }
 
     /// The process this attachment belongs to (a fork child's own pid once registered).
+    /// How long a blocked call spins before sleeping (`spin_us=`), as this process read it.
+    pub fn spin_time(&self) -> Duration {
+        self.spin
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid.load(Ordering::Relaxed)
     }

@@ -1,6 +1,6 @@
 """The compiled core of tensorslab (Rust). Import from ``tensorslab``, not from here."""
 
-from typing import Any, AsyncIterator, Coroutine, Iterator, TypeVar, final
+from typing import Any, AsyncIterator, Coroutine, Iterable, Iterator, TypeVar, final
 
 from typing_extensions import disjoint_base
 
@@ -79,6 +79,17 @@ class Sender(Handle):
         larger than ``max_slab_bytes``. A failed put leaves nothing allocated.
         """
 
+    def put_many(
+        self, objs: Iterable[Any], block: bool = True, timeout: float | None = None
+    ) -> None:
+        """Put every object of ``objs`` in order, with one call for the batch.
+
+        All are encoded first: one that cannot be raises ``tensorslab.EncodeError`` naming it
+        (``objs[3]: ...``) and nothing is put. A ``tensorslab.Full`` (timeout, or no room with
+        ``block=False``) comes after the messages before it were put: its ``sent`` attribute
+        says how many.
+        """
+
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``."""
 
@@ -138,6 +149,20 @@ class Receiver(Handle):
         of them is gone; ``copy=True`` returns private copies and releases at once. Raises
         ``tensorslab.Empty`` on timeout (or at once with ``block=False``) and
         ``tensorslab.Closed`` once every sender has closed or exited and nothing is left.
+        """
+
+    def get_many(
+        self,
+        max_messages: int = 64,
+        block: bool = True,
+        timeout: float | None = None,
+        copy: bool = False,
+    ) -> list[Any]:
+        """The next message, waiting as ``get`` does, and up to ``max_messages - 1`` more that
+        are already queued, taken off the ring at once (faster-fifo's ``get_many``).
+
+        A message that fails to decode is consumed with its error, as with ``get``; the ones
+        before it in the batch are returned first, and the error is raised by the next call.
         """
 
     def get_nowait(self) -> Any:
@@ -302,12 +327,16 @@ def channel(
     slab_bytes: int | None = None,
     max_slab_bytes: int | None = None,
     strict: bool = False,
+    spin_us: float | None = None,
 ) -> tuple[Sender, Receiver]:
     """Create a channel and return its two ends.
 
     ``capacity``: messages queued and not yet taken. ``slab_bytes``: initial slab size
     (default: start at 4 MiB and grow). ``max_slab_bytes``: hard limit on shared memory
     (default: half the memory available). ``strict``: refuse values that need pickling.
+    ``spin_us``: how long a blocked ``get`` or ``put`` spins before sleeping (default 20;
+    up to 1,000,000), for every process using the channel: longer cuts the latency to a
+    waiting consumer, at the cost of a busy core while it waits.
     """
 
 def dumps(obj: Any) -> bytes:

@@ -209,6 +209,7 @@ impl Handle {
         dict.set_item("unacknowledged", shared.outstanding)?;
         dict.set_item("processes", shared.processes)?;
         dict.set_item("liveness_sweeps", shared.liveness_sweeps)?;
+        dict.set_item("spin_us", self.channel.spin_time().as_secs_f64() * 1e6)?;
         dict.set_item("messages_sent", sent.messages.load(Ordering::Relaxed))?;
         dict.set_item("bytes_sent", sent.bytes.load(Ordering::Relaxed))?;
         dict.set_item("put_blocked_seconds", seconds(&sent.blocked_nanos))?;
