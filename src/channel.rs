@@ -458,8 +458,8 @@ impl Channel {
     // ---- waiting ----
 
     /// Runs `attempt` until it yields a value, sleeping on `word` between tries. Returns
-    /// `Ok(None)` when the deadline passes. Every wake-up (at least every 50 ms) runs
-    /// `interrupt` and, when the channel's sweep is due, a sweep for dead peers.
+    /// `Ok(None)` when the deadline passes. Every wake-up (at least every 50 ms) that finds
+    /// nothing runs `interrupt` and, when the channel's sweep is due, a sweep for dead peers.
     fn wait_until<T>(
         &self,
         word: &AtomicU32,
@@ -468,10 +468,19 @@ impl Channel {
         interrupt: Interrupt,
         mut attempt: impl FnMut() -> Result<Option<T>>,
     ) -> Result<Option<T>> {
+        let mut woken = false;
         loop {
             let seen = word.load(Ordering::SeqCst);
             if let Some(value) = attempt()? {
                 return Ok(Some(value));
+            }
+            if std::mem::take(&mut woken) {
+                // A wake-up that brought nothing: look at signals and dead peers, then try
+                // again at once. Not before the attempt: a consumer woken for a message
+                // takes it without first taking the GIL to check for signals.
+                interrupt()?;
+                let _ = self.reap_if_due();
+                continue;
             }
             let Some(remaining) = deadline.remaining() else {
                 return Ok(None);
@@ -483,8 +492,7 @@ impl Channel {
                 futex_wait(word, seen, remaining);
             }
             waiters.fetch_sub(1, Ordering::SeqCst);
-            interrupt()?;
-            let _ = self.reap_if_due();
+            woken = true;
         }
     }
 }
