@@ -581,55 +581,45 @@ def table(res: dict) -> list[tuple[str, str, str, str, str]]:
 
     one = res["one_to_one"]
     real = [name for name in one if not name.startswith("tensorslab") and name != "mp.Queue"]
-    for nbytes, ts in one["tensorslab"].items():
-        ts_rate = rate(ts)
+
+    def against_peers(label: str, ours: float, nbytes: int) -> None:
         small = nbytes <= 64 * KiB
         q = rate(one["mp.Queue"].get(nbytes))
         if small and q:
             add(
-                f"1->1 {human(nbytes)} vs mp.Queue",
+                f"1->1 {human(nbytes)}{label} vs mp.Queue",
                 ">= 10x",
-                f"{ts_rate:,.0f} vs {q:,.0f}/s",
-                ts_rate / q,
-                ts_rate / q >= 10,
+                f"{ours:,.0f} vs {q:,.0f}/s",
+                ours / q,
+                ours / q >= 10,
             )
         rates = {name: rate(one[name].get(nbytes)) for name in real}
         rates = {k: v for k, v in rates.items() if v}
-        if rates:
-            best = max(rates, key=rates.get)
-            need = 1.5 if small else 1.0
+        need = 1.5 if small else 1.0
+        if not rates:
             add(
-                f"1->1 {human(nbytes)} vs fastest peer ({best})",
+                f"1->1 {human(nbytes)}{label} vs fastest peer",
                 f">= {need}x",
-                f"{ts_rate:,.0f} vs {rates[best]:,.0f}/s",
-                ts_rate / rates[best],
-                ts_rate / rates[best] >= need,
+                "no peer measured",
+                None,
+                None,
             )
-        else:
-            add(f"1->1 {human(nbytes)} vs fastest peer", ">= 1.5x", "no peer measured", None, None)
+            return
+        best = max(rates, key=rates.get)
+        add(
+            f"1->1 {human(nbytes)}{label} vs fastest peer ({best})",
+            f">= {need}x",
+            f"{ours:,.0f} vs {rates[best]:,.0f}/s",
+            ours / rates[best],
+            ours / rates[best] >= need,
+        )
+
+    for nbytes, ts in one["tensorslab"].items():
+        if rate(ts):
+            against_peers("", rate(ts), nbytes)
     for nbytes, batched in one.get("tensorslab batched", {}).items():
-        b_rate, q = rate(batched), rate(one["mp.Queue"].get(nbytes))
-        if not b_rate or nbytes > 64 * KiB:
-            continue
-        if q:
-            add(
-                f"1->1 {human(nbytes)} batched (8) vs mp.Queue",
-                ">= 10x",
-                f"{b_rate:,.0f} vs {q:,.0f}/s",
-                b_rate / q,
-                b_rate / q >= 10,
-            )
-        rates = {name: rate(one[name].get(nbytes)) for name in real}
-        rates = {k: v for k, v in rates.items() if v}
-        if rates:
-            best = max(rates, key=rates.get)
-            add(
-                f"1->1 {human(nbytes)} batched (8) vs fastest peer ({best})",
-                ">= 1.5x",
-                f"{b_rate:,.0f} vs {rates[best]:,.0f}/s",
-                b_rate / rates[best],
-                b_rate / rates[best] >= 1.5,
-            )
+        if rate(batched) and nbytes <= 64 * KiB:
+            against_peers(" batched (8)", rate(batched), nbytes)
     ts64, floor = one["tensorslab"].get(64), res["floor_us"].get(64)
     if rate(ts64):
         above = ts64["us_per_msg"] - floor

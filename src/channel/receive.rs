@@ -86,15 +86,10 @@ impl Channel {
     /// Pops up to `max` queued messages into `out` under one hold of the ring lock; never
     /// waits for a message.
     fn try_pop_more(&self, max: usize, out: &mut Vec<Received>) -> Result<()> {
-        let control = self.control();
         if self.ring().is_empty() {
             return Ok(());
         }
-        if !crate::wait::is_quick() {
-            let _ = self.slab.attach_all();
-        } else if !self.slab.all_attached() {
-            return Err(Error::WouldBlock);
-        }
+        self.attach_before_pop()?;
         let mut entries = [Entry {
             block: 0,
             origin: 0,
@@ -103,20 +98,13 @@ impl Channel {
         while taken < max {
             let batch = (max - taken).min(entries.len());
             let count = {
-                let _guard = self.slab.lock(&control.ring_lock)?;
+                let _guard = self.slab.lock(&self.control().ring_lock)?;
                 let ring = self.ring();
                 let mut count = 0;
                 while count < batch {
-                    let Some(entry) = ring.peek() else { break };
-                    // As in `try_pop`: owner first, then `head`, per message.
-                    if let Ok(header) = self.slab.header(SlabRef(entry.block)) {
-                        header.owner.store(
-                            owner_word(OWNER_RECEIVER, self.slab.slot_id()),
-                            Ordering::Relaxed,
-                        );
-                    }
-                    crate::failpoint!("pop.owned_before_head_moves");
-                    ring.pop();
+                    let Some(entry) = self.pop_owned(&ring) else {
+                        break;
+                    };
                     entries[count] = entry;
                     count += 1;
                 }
@@ -127,19 +115,10 @@ impl Channel {
             }
             self.after_pops(count as u32);
             for entry in &entries[..count] {
-                let block = SlabRef(entry.block);
-                match self.slab.content(block) {
-                    Ok((header, address, capacity)) => {
-                        let len =
-                            (header.content_len.load(Ordering::Relaxed) as usize).min(capacity);
-                        out.push(Received {
-                            block,
-                            address,
-                            len,
-                        });
-                    }
+                match self.received_entry(*entry) {
+                    Ok(received) => out.push(received),
                     // As `try_pop` reports it, but the others popped with it still arrive.
-                    Err(_) => self.release_message(block),
+                    Err(_) => self.release_message(SlabRef(entry.block)),
                 }
             }
             taken += count;
@@ -148,6 +127,47 @@ impl Channel {
             }
         }
         Ok(())
+    }
+
+    /// Maps any new segment before the ring lock is taken, never under it (mapping
+    /// populates every page: milliseconds); errors surface later, under the lock. A quick
+    /// call does not map: it gives way to the normal retry.
+    fn attach_before_pop(&self) -> Result<()> {
+        if !crate::wait::is_quick() {
+            let _ = self.slab.attach_all();
+        } else if !self.slab.all_attached() {
+            return Err(Error::WouldBlock);
+        }
+        Ok(())
+    }
+
+    /// Takes the oldest entry off `ring` (ring lock held), making its block ours first:
+    /// the owner is recorded before `head` moves, so if this process dies at any point here
+    /// `reclaim` finds the block either still in the ring or owned by us, never neither.
+    fn pop_owned(&self, ring: &Ring<'_>) -> Option<Entry> {
+        let entry = ring.peek()?;
+        if let Ok(header) = self.slab.header(SlabRef(entry.block)) {
+            header.owner.store(
+                owner_word(OWNER_RECEIVER, self.slab.slot_id()),
+                Ordering::Relaxed,
+            );
+        }
+        crate::failpoint!("pop.owned_before_head_moves");
+        ring.pop();
+        Some(entry)
+    }
+
+    /// The message a popped entry names. The entry and the block are shared memory:
+    /// `content` checks the block is in use, and the length is read once and kept within it.
+    fn received_entry(&self, entry: Entry) -> Result<Received> {
+        let block = SlabRef(entry.block);
+        let (header, address, capacity) = self.slab.content(block)?;
+        let len = (header.content_len.load(Ordering::Relaxed) as usize).min(capacity);
+        Ok(Received {
+            block,
+            address,
+            len,
+        })
     }
 
     /// After `count` pops: counts them on the word producers sleep on, and wakes producers
@@ -175,46 +195,16 @@ impl Channel {
     }
 
     pub(super) fn try_pop(&self) -> Result<Option<Received>> {
-        let control = self.control();
-        // Map any new segment before taking the ring lock, never under it (mapping
-        // populates every page: milliseconds). Errors surface below, under the lock.
-        if crate::wait::is_quick() {
-            if !self.slab.all_attached() {
-                return Err(Error::WouldBlock);
-            }
-        } else {
-            let _ = self.slab.attach_all();
-        }
+        self.attach_before_pop()?;
         let entry = {
-            let _guard = self.slab.lock(&control.ring_lock)?;
-            let ring = self.ring();
-            let Some(entry) = ring.peek() else {
-                return Ok(None);
-            };
-            // Owner recorded under the ring lock and before `head` moves: if this process
-            // dies at any point here, `reclaim` finds the block either still in the ring or
-            // owned by us, never neither.
-            if let Ok(header) = self.slab.header(SlabRef(entry.block)) {
-                header.owner.store(
-                    owner_word(OWNER_RECEIVER, self.slab.slot_id()),
-                    Ordering::Relaxed,
-                );
+            let _guard = self.slab.lock(&self.control().ring_lock)?;
+            match self.pop_owned(&self.ring()) {
+                Some(entry) => entry,
+                None => return Ok(None),
             }
-            crate::failpoint!("pop.owned_before_head_moves");
-            ring.pop();
-            entry
         };
         self.after_pops(1);
-        let block = SlabRef(entry.block);
-        // The entry and the block it names are shared memory: `content` checks the block
-        // is in use, and the length is read once and kept within the block.
-        let (header, address, capacity) = self.slab.content(block)?;
-        let len = (header.content_len.load(Ordering::Relaxed) as usize).min(capacity);
-        Ok(Some(Received {
-            block,
-            address,
-            len,
-        }))
+        self.received_entry(entry).map(Some)
     }
 
     /// Frees a received message's block (and its references to `alloc` buffers) once its
