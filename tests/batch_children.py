@@ -1,0 +1,64 @@
+"""Values and child functions for `test_batch.py`: messages whose decoding runs Python code
+(unpickled through a function here), so a test can make decoding fail or pause."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import tensorslab
+
+# Set by `_paused` once a decode reached it; `_paused` then waits for `RESUME` (with the
+# GIL released, as any Python wait does: another thread gets to run meanwhile).
+DECODING = threading.Event()
+RESUME = threading.Event()
+
+
+def _paused(label: str) -> str:
+    DECODING.set()
+    RESUME.wait(30)
+    return label
+
+
+def _refused(label: str) -> str:
+    raise ValueError(f"{label} cannot be rebuilt here")
+
+
+class Paused:
+    """Decodes to its label, after pausing (see `DECODING`)."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __reduce__(self):
+        return (_paused, (self.label,))
+
+
+class Refused:
+    """Fails to decode (`DecodeError` naming the label)."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __reduce__(self):
+        return (_refused, (self.label,))
+
+
+def next_value(rx) -> str:
+    """What the next `get` gives in this process: the value, or the exception's name."""
+    try:
+        return repr(rx.get(timeout=10))
+    except tensorslab.TensorslabError as error:
+        return type(error).__name__
+
+
+def next_value_to_fd(rx, fd: int) -> None:
+    """`next_value`, written to `fd` (for a child whose return value cannot be collected)."""
+    os.write(fd, next_value(rx).encode())
+
+
+def put_numbers(tx, count: int) -> int:
+    """Puts 0..count in batches of 7."""
+    for start in range(0, count, 7):
+        tx.put_many(range(start, min(start + 7, count)))
+    return count
