@@ -10,6 +10,8 @@ use super::*;
 #[derive(Clone, Copy)]
 pub(super) enum Deferred {
     Message(SlabRef),
+    /// The block of a put that did not happen: freed with no acknowledgement counted.
+    Abandoned(SlabRef),
     Creator(SlabRef),
     /// A hold on a broadcast or mailbox message (see `fanout`).
     Shared(SlabRef),
@@ -266,6 +268,7 @@ impl Channel {
                 .slab
                 .free_message(block)
                 .map(|origin| self.uncount_outstanding(origin)),
+            Deferred::Abandoned(block) => self.slab.free_message(block).map(drop),
             Deferred::Creator(block) => self.slab.drop_creator(block),
             Deferred::Shared(_) | Deferred::FreeShared(_) | Deferred::CloseSubscriber(_) => {
                 self.run_fan_out(release)

@@ -69,12 +69,11 @@ impl Channel {
             }
         };
         if let Err(error) = self.wait_until_held_elsewhere(allocation.block.segment(), interrupt) {
-            // Clean-up must not fail for want of waiting (a quick call would leak the block).
-            let _normal = crate::wait::quick_scope(false);
-            let _ = match kind {
-                OWNER_ALLOC => self.slab.drop_creator(allocation.block),
-                _ => self.slab.free_message(allocation.block).map(drop),
-            };
+            match kind {
+                // `alloc` buffers are never allocated in a quick scope.
+                OWNER_ALLOC => drop(self.slab.drop_creator(allocation.block)),
+                _ => self.abandon(allocation.block),
+            }
             return Err(error);
         }
         crate::failpoint!("put.allocated");
@@ -235,8 +234,21 @@ impl Channel {
 
     /// Gives back a block whose put failed (and the references `publish` counted for it).
     pub fn abort_put(&self, allocation: &Allocation) {
-        // Whatever the caller's scope: the block must come back.
-        let _normal = crate::wait::quick_scope(false);
-        let _ = self.slab.free_message(allocation.block);
+        self.abandon(allocation.block);
+    }
+
+    /// Frees the block of a put that did not happen; no acknowledgement is counted for it.
+    /// A quick call holds the GIL and must not wait for another process's heap lock (a
+    /// stopped holder would freeze every thread of this one): when the lock is taken the
+    /// free is deferred (see `receive::Deferred`), and the block stays this process's
+    /// until then.
+    fn abandon(&self, block: SlabRef) {
+        if !crate::wait::is_quick() {
+            let _ = self.slab.free_message(block);
+            return;
+        }
+        if let Ok(None) = self.slab.try_free_message(block) {
+            self.defer(receive::Deferred::Abandoned(block));
+        }
     }
 }
