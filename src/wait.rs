@@ -135,6 +135,11 @@ impl Deadline {
         Deadline(None)
     }
 
+    /// The instant itself; `None` for a deadline that never comes.
+    pub fn instant(&self) -> Option<Instant> {
+        self.0
+    }
+
     /// Time left, or `None` when the deadline has passed.
     pub fn remaining(&self) -> Option<Duration> {
         match self.0 {

@@ -40,7 +40,13 @@ impl Channel {
             return Err(Error::Empty("channel is empty".into()));
         }
         let waiting = Some(&self.control().ring.consumers_waiting);
-        if let Some(received) = self.spin(waiting, |ring| !ring.is_empty(), || self.try_pop())? {
+        if let Some(received) = self.spin(
+            waiting,
+            deadline,
+            &mut *interrupt,
+            |ring| !ring.is_empty(),
+            || self.try_pop(),
+        )? {
             return Ok(received);
         }
         let ring_state = &self.control().ring;

@@ -143,8 +143,11 @@ impl Channel {
         let slot = &self.control().processes[usize::from(me.index)];
         slot.outstanding.fetch_add(1, Ordering::Relaxed);
         let origin = origin_word(me);
-        let pushed = (|| Ok(self.try_push(entry)? || (block && self.spin_until_pushed(entry)?)))()
-            .inspect_err(|_: &Error| self.uncount_outstanding(origin))?;
+        let pushed = (|| {
+            Ok(self.try_push(entry)?
+                || (block && self.spin_until_pushed(entry, deadline, &mut *interrupt)?))
+        })()
+        .inspect_err(|_: &Error| self.uncount_outstanding(origin))?;
         let pushed = if pushed {
             true
         } else if block {
@@ -176,15 +179,20 @@ impl Channel {
     /// says nothing can be done, trying `attempt` when it says something can. Sleeping and
     /// being woken costs tens of microseconds on a virtual machine (a futex round trip),
     /// far more than the next pop or push of a peer that is keeping up, so a short spin
-    /// first saves both sides the system calls.
+    /// first saves both sides the system calls. The spin ends at the call's `deadline`, and
+    /// a long one (`spin_us=` allows a second) runs `interrupt` every `wait::MAX_SLEEP`, as
+    /// a sleep would.
     ///
     /// No spin when another process already sleeps for the same thing (`waiting`, the
     /// count of the word the caller would sleep on, when only one of them can be served:
-    /// not for broadcast subscribers): it got there first and will be served first, and with more processes than cores (DataLoader workers, RL actors) a spinning
-    /// producer takes the processor the consumer needs to make room.
+    /// not for broadcast subscribers): it got there first and will be served first, and
+    /// with more processes than cores (DataLoader workers, RL actors) a spinning producer
+    /// takes the processor the consumer needs to make room.
     pub(super) fn spin<T>(
         &self,
         waiting: Option<&AtomicU32>,
+        deadline: Deadline,
+        interrupt: Interrupt,
         ready: impl Fn(&Ring<'_>) -> bool,
         mut attempt: impl FnMut() -> Result<Option<T>>,
     ) -> Result<Option<T>> {
@@ -192,9 +200,22 @@ impl Channel {
         if self.spin.is_zero() || waiting.is_some_and(|count| count.load(Ordering::Relaxed) > 0) {
             return Ok(None);
         }
-        let spin_until = Instant::now() + self.spin;
+        let started = Instant::now();
+        let mut spin_until = started + self.spin;
+        if let Some(at) = deadline.instant() {
+            spin_until = spin_until.min(at);
+        }
+        let mut next_check = started + crate::wait::MAX_SLEEP;
         let ring = self.ring();
-        while Instant::now() < spin_until {
+        loop {
+            let now = Instant::now();
+            if now >= spin_until {
+                return Ok(None);
+            }
+            if now >= next_check {
+                interrupt()?;
+                next_check = now + crate::wait::MAX_SLEEP;
+            }
             if ready(&ring) {
                 if let Some(value) = attempt()? {
                     return Ok(Some(value));
@@ -202,14 +223,20 @@ impl Channel {
             }
             std::hint::spin_loop();
         }
-        Ok(None)
     }
 
     /// A full ring: spin briefly for a consumer to make room (see `spin`).
-    pub(super) fn spin_until_pushed(&self, entry: Entry) -> Result<bool> {
+    pub(super) fn spin_until_pushed(
+        &self,
+        entry: Entry,
+        deadline: Deadline,
+        interrupt: Interrupt,
+    ) -> Result<bool> {
         Ok(self
             .spin(
                 Some(&self.control().ring.producers_waiting),
+                deadline,
+                interrupt,
                 |ring| !ring.is_full(),
                 || Ok(self.try_push(entry)?.then_some(())),
             )?

@@ -549,3 +549,30 @@ fn a_quick_abort_leaves_a_held_heap_lock_alone_and_the_block_still_comes_back() 
     assert_eq!(slot.outstanding.load(Ordering::SeqCst), 0);
     assert_eq!(slot.acked.load(Ordering::SeqCst), 0);
 }
+
+#[test]
+fn a_long_spin_ends_at_the_calls_deadline() {
+    // `spin_us=` may ask for up to a second of spinning; a get whose timeout is shorter
+    // (here: passed already) must not spin past it. It spun the whole second. (A bound on
+    // time, with a margin of hundreds of times what the call needs.)
+    let channel = Channel::create(&ChannelOptions {
+        capacity: 4,
+        spin: MAX_SPIN,
+        ..Default::default()
+    })
+    .unwrap();
+    channel.open_handle(Side::Sender);
+    channel.open_handle(Side::Receiver);
+    let started = std::time::Instant::now();
+    let outcome = channel.receive(
+        true,
+        Deadline::after(Some(Duration::ZERO)),
+        &mut no_interrupt(),
+    );
+    assert!(matches!(outcome, Err(Error::Empty(_))));
+    assert!(
+        started.elapsed() < MAX_SPIN / 2,
+        "get(timeout=0) spun for {:?}",
+        started.elapsed()
+    );
+}
