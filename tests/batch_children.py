@@ -62,3 +62,12 @@ def put_numbers(tx, count: int) -> int:
     for start in range(0, count, 7):
         tx.put_many(range(start, min(start + 7, count)))
     return count
+
+
+def put_one(tx, value, timeout: float) -> str:
+    """One `put` with a timeout; the outcome's name."""
+    try:
+        tx.put(value, timeout=timeout)
+    except tensorslab.Full:
+        return "Full"
+    return "put"
