@@ -71,3 +71,26 @@ def put_one(tx, value, timeout: float) -> str:
     except tensorslab.Full:
         return "Full"
     return "put"
+
+
+def get_many_past_a_corrupt_tail() -> list:
+    """A `get_many(sys.maxsize)` on a ring whose `tail` a corrupt peer moved 2**40 cells
+    past the one real message: what it returns, then what the next call does."""
+    import re
+    import sys
+
+    import corrupt_children
+
+    tx, rx = tensorslab.channel(8)
+    tx.put("real")
+    channel_id = re.search(r"channel ([0-9a-f]+)", repr(tx)).group(1)
+    shm = corrupt_children.Segments.of(channel_id)
+    head = shm.u64("control", corrupt_children.RING_HEAD)
+    shm.put_u64("control", corrupt_children.RING_TAIL, head + (1 << 40))
+    first = rx.get_many(sys.maxsize, timeout=5)
+    try:
+        rx.get_many(sys.maxsize, timeout=0)
+        after = "returned"
+    except tensorslab.TensorslabError as error:
+        after = type(error).__name__
+    return [first, after]

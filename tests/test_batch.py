@@ -162,3 +162,13 @@ def test_a_receiver_closed_while_another_thread_decodes_its_batch_frees_the_rest
     assert outcome == ["p"]
     assert tx.stats()["messages_in_flight"] == 0
     tx.close()
+
+
+def test_get_many_on_a_ring_a_corrupt_peer_overfilled_takes_at_most_a_ring():
+    # It sized its list by the ring's length as shared memory says (2**40 cells: the
+    # allocation failed and the process aborted) and popped until `max_messages`.
+    # (What the cells past the real message decode to is the corrupt peer's doing: zeroed
+    # cells name the slab's first block, so they may repeat it.)
+    first, after = run_in_child("fork", batch_children.get_many_past_a_corrupt_tail, timeout=60)
+    assert first[0] == "real" and len(first) <= 8
+    assert after in ("IncompatibleError", "Empty", "returned")

@@ -82,7 +82,11 @@ impl Channel {
         interrupt: Interrupt,
     ) -> Result<Vec<Received>> {
         let first = self.receive(block, deadline, interrupt)?;
-        let mut received = Vec::with_capacity(max.min(self.ring().len() as usize + 1));
+        // No more than a ring holds, whatever `max` asks and whatever length `head` and
+        // `tail` (shared memory a corrupt peer may have written) claim.
+        let max = max.min(self.capacity.max(1));
+        let queued = self.ring().len().min(self.capacity as u64) as usize;
+        let mut received = Vec::with_capacity(max.min(queued + 1));
         received.push(first);
         if max > 1 {
             // What was popped stays popped: an error here only ends the batch early.
