@@ -5,6 +5,7 @@ that fails to decode), across threads and fork children."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -172,3 +173,22 @@ def test_get_many_on_a_ring_a_corrupt_peer_overfilled_takes_at_most_a_ring():
     first, after = run_in_child("fork", batch_children.get_many_past_a_corrupt_tail, timeout=60)
     assert first[0] == "real" and len(first) <= 8
     assert after in ("IncompatibleError", "Empty", "returned")
+
+
+def test_ctrl_c_in_a_put_many_waiting_for_room_says_how_many_were_put():
+    # The fifth put waits for room; Ctrl-C (SIGINT from a timer) ends it: the four before it
+    # arrive once each, the rest never.
+    tx, rx = tensorslab.channel(4)
+    previous = signal.signal(signal.SIGALRM, lambda *_: signal.raise_signal(signal.SIGINT))
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    try:
+        with pytest.raises(KeyboardInterrupt) as raised:
+            tx.put_many(range(10), timeout=30)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert raised.value.sent == 4
+    assert drain(rx) == [0, 1, 2, 3]
+    assert rx.stats()["messages_in_flight"] == 0
+    tx.close()
+    rx.close()
