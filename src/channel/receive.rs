@@ -71,9 +71,9 @@ impl Channel {
         received.ok_or_else(|| Error::Empty("no message arrived before the timeout".into()))
     }
 
-    /// Takes the next message as [`receive`](Self::receive) does, then up to
-    /// `max - 1` more that are already queued, under one hold of the ring lock (one wake-up
-    /// of waiting producers for all of them).
+    /// Takes the next message as [`receive`](Self::receive) does, then up to `max - 1`
+    /// more that are already queued (and no more than the ring holds), up to 64 per hold
+    /// of the ring lock (one wake-up of waiting producers per hold).
     pub fn receive_many(
         &self,
         max: usize,
@@ -95,8 +95,8 @@ impl Channel {
         Ok(received)
     }
 
-    /// Pops up to `max` queued messages into `out` under one hold of the ring lock; never
-    /// waits for a message.
+    /// Pops up to `max` queued messages into `out`, up to 64 per hold of the ring lock;
+    /// never waits for a message.
     fn try_pop_more(&self, max: usize, out: &mut Vec<Received>) -> Result<()> {
         let control = self.control();
         if self.ring().is_empty() {

@@ -1,8 +1,9 @@
 //! Putting an encoded message (shared by `put` and `put_many`), and the batch calls for
 //! floods of small messages: `Sender.put_many` and `Receiver.get_many`.
 //!
-//! `get_many` takes every queued message it returns under one hold of the ring lock (one
-//! wake-up of waiting producers for all of them) and decodes them in order. A message that
+//! `get_many` takes its first message as `get` does and the ones already queued after it
+//! in holds of the ring lock of up to 64 messages each (one wake-up of waiting producers
+//! per hold, not per message), and decodes them in order. A message that
 //! fails to decode is consumed with its error, as with `get`; when messages came before it
 //! in the batch, they are returned and the error, with the messages after it, waits in the
 //! handle's [`Stash`] for the next call, so nothing is lost or reordered.
