@@ -94,3 +94,21 @@ def get_many_past_a_corrupt_tail() -> list:
     except tensorslab.TensorslabError as error:
         after = type(error).__name__
     return [first, after]
+
+
+def put_tagged(tx, producer: int, count: int) -> int:
+    """Puts (producer, 0..count) in batches of 5."""
+    for start in range(0, count, 5):
+        tx.put_many([(producer, seq) for seq in range(start, min(start + 5, count))])
+    tx.close()
+    return count
+
+
+def get_many_until_closed(rx) -> list:
+    """Every message until every sender closed, taken with `get_many`."""
+    got = []
+    while True:
+        try:
+            got.extend(rx.get_many(16, timeout=30))
+        except tensorslab.Closed:
+            return got
