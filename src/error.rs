@@ -28,7 +28,8 @@ pub enum Error {
     #[error("interrupted")]
     Interrupted,
     /// A call made in a quick scope (see `wait::quick_scope`) would have had to wait, grow
-    /// the slab or map a segment; nothing was changed, and the caller retries it normally.
+    /// the slab or map a segment; nothing it did stays done (a block it allocated is freed,
+    /// or its free deferred), and the caller retries it normally.
     /// Never reaches Python.
     #[error("the call would have to wait")]
     WouldBlock,

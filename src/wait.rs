@@ -135,6 +135,11 @@ impl Deadline {
         Deadline(None)
     }
 
+    /// The instant itself; `None` for a deadline that never comes.
+    pub fn instant(&self) -> Option<Instant> {
+        self.0
+    }
+
     /// Time left, or `None` when the deadline has passed.
     pub fn remaining(&self) -> Option<Duration> {
         match self.0 {
@@ -194,14 +199,17 @@ thread_local! {
     static QUICK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// While the returned guard lives, channel operations on this thread never wait: a lock
-/// that a short spin does not get, a slab that would have to grow, a segment that would
-/// have to be mapped or a peer that would have to be waited for makes the call fail with
-/// `Error::WouldBlock` instead, having changed nothing. The binding makes its first
-/// attempt at a `put` or `get` this way with the GIL held (so a call that does not need
-/// to wait never gives the GIL up and never waits to take it back), and retries without
-/// the GIL only when that fails. `quick_scope(false)` inside one restores normal waiting,
-/// for clean-up that must not fail. Scopes nest; the innermost wins.
+/// While the returned guard lives, channel operations on this thread do not wait for
+/// other processes: a lock that a short spin does not get, a slab that would have to grow,
+/// a segment not mapped yet when the call starts or a peer that would have to be waited
+/// for makes the call fail with `Error::WouldBlock` instead. Nothing it did stays done: a
+/// put that gave up frees its block, or, when the heap lock is taken, defers the free (see
+/// `Channel::abort_put`); a get pops nothing. (A segment that appears while the call runs
+/// is still mapped by it, as a normal call does: rare, and not a wait for a peer.) The
+/// binding makes its first attempt at a `put` or `get` this way with the GIL held (so a
+/// call that does not need to wait never gives the GIL up and never waits to take it
+/// back), and retries without the GIL only when that fails. `quick_scope(false)` inside
+/// one restores normal waiting. Scopes nest; the innermost wins.
 pub fn quick_scope(quick: bool) -> QuickScope {
     QuickScope {
         previous: QUICK.with(|cell| cell.replace(quick)),

@@ -10,6 +10,8 @@ use super::*;
 #[derive(Clone, Copy)]
 pub(super) enum Deferred {
     Message(SlabRef),
+    /// The block of a put that did not happen: freed with no acknowledgement counted.
+    Abandoned(SlabRef),
     Creator(SlabRef),
     /// A hold on a broadcast or mailbox message (see `fanout`).
     Shared(SlabRef),
@@ -38,7 +40,13 @@ impl Channel {
             return Err(Error::Empty("channel is empty".into()));
         }
         let waiting = Some(&self.control().ring.consumers_waiting);
-        if let Some(received) = self.spin(waiting, |ring| !ring.is_empty(), || self.try_pop())? {
+        if let Some(received) = self.spin(
+            waiting,
+            deadline,
+            &mut *interrupt,
+            |ring| !ring.is_empty(),
+            || self.try_pop(),
+        )? {
             return Ok(received);
         }
         let ring_state = &self.control().ring;
@@ -63,9 +71,9 @@ impl Channel {
         received.ok_or_else(|| Error::Empty("no message arrived before the timeout".into()))
     }
 
-    /// Takes the next message as [`receive`](Self::receive) does, then up to
-    /// `max - 1` more that are already queued, under one hold of the ring lock (one wake-up
-    /// of waiting producers for all of them).
+    /// Takes the next message as [`receive`](Self::receive) does, then up to `max - 1`
+    /// more that are already queued (and no more than the ring holds), up to 64 per hold
+    /// of the ring lock (one wake-up of waiting producers per hold).
     pub fn receive_many(
         &self,
         max: usize,
@@ -74,7 +82,11 @@ impl Channel {
         interrupt: Interrupt,
     ) -> Result<Vec<Received>> {
         let first = self.receive(block, deadline, interrupt)?;
-        let mut received = Vec::with_capacity(max.min(self.ring().len() as usize + 1));
+        // No more than a ring holds, whatever `max` asks and whatever length `head` and
+        // `tail` (shared memory a corrupt peer may have written) claim.
+        let max = max.min(self.capacity.max(1));
+        let queued = self.ring().len().min(self.capacity as u64) as usize;
+        let mut received = Vec::with_capacity(max.min(queued + 1));
         received.push(first);
         if max > 1 {
             // What was popped stays popped: an error here only ends the batch early.
@@ -83,8 +95,8 @@ impl Channel {
         Ok(received)
     }
 
-    /// Pops up to `max` queued messages into `out` under one hold of the ring lock; never
-    /// waits for a message.
+    /// Pops up to `max` queued messages into `out`, up to 64 per hold of the ring lock;
+    /// never waits for a message.
     fn try_pop_more(&self, max: usize, out: &mut Vec<Received>) -> Result<()> {
         if self.ring().is_empty() {
             return Ok(());
@@ -256,6 +268,7 @@ impl Channel {
                 .slab
                 .free_message(block)
                 .map(|origin| self.uncount_outstanding(origin)),
+            Deferred::Abandoned(block) => self.slab.free_message(block).map(drop),
             Deferred::Creator(block) => self.slab.drop_creator(block),
             Deferred::Shared(_) | Deferred::FreeShared(_) | Deferred::CloseSubscriber(_) => {
                 self.run_fan_out(release)

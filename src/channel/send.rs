@@ -69,12 +69,11 @@ impl Channel {
             }
         };
         if let Err(error) = self.wait_until_held_elsewhere(allocation.block.segment(), interrupt) {
-            // Clean-up must not fail for want of waiting (a quick call would leak the block).
-            let _normal = crate::wait::quick_scope(false);
-            let _ = match kind {
-                OWNER_ALLOC => self.slab.drop_creator(allocation.block),
-                _ => self.slab.free_message(allocation.block).map(drop),
-            };
+            match kind {
+                // `alloc` buffers are never allocated in a quick scope.
+                OWNER_ALLOC => drop(self.slab.drop_creator(allocation.block)),
+                _ => self.abandon(allocation.block),
+            }
             return Err(error);
         }
         crate::failpoint!("put.allocated");
@@ -144,8 +143,11 @@ impl Channel {
         let slot = &self.control().processes[usize::from(me.index)];
         slot.outstanding.fetch_add(1, Ordering::Relaxed);
         let origin = origin_word(me);
-        let pushed = (|| Ok(self.try_push(entry)? || (block && self.spin_until_pushed(entry)?)))()
-            .inspect_err(|_: &Error| self.uncount_outstanding(origin))?;
+        let pushed = (|| {
+            Ok(self.try_push(entry)?
+                || (block && self.spin_until_pushed(entry, deadline, &mut *interrupt)?))
+        })()
+        .inspect_err(|_: &Error| self.uncount_outstanding(origin))?;
         let pushed = if pushed {
             true
         } else if block {
@@ -177,15 +179,20 @@ impl Channel {
     /// says nothing can be done, trying `attempt` when it says something can. Sleeping and
     /// being woken costs tens of microseconds on a virtual machine (a futex round trip),
     /// far more than the next pop or push of a peer that is keeping up, so a short spin
-    /// first saves both sides the system calls.
+    /// first saves both sides the system calls. The spin ends at the call's `deadline`, and
+    /// a long one (`spin_us=` allows a second) runs `interrupt` every `wait::MAX_SLEEP`, as
+    /// a sleep would.
     ///
     /// No spin when another process already sleeps for the same thing (`waiting`, the
     /// count of the word the caller would sleep on, when only one of them can be served:
-    /// not for broadcast subscribers): it got there first and will be served first, and with more processes than cores (DataLoader workers, RL actors) a spinning
-    /// producer takes the processor the consumer needs to make room.
+    /// not for broadcast subscribers): it got there first and will be served first, and
+    /// with more processes than cores (DataLoader workers, RL actors) a spinning producer
+    /// takes the processor the consumer needs to make room.
     pub(super) fn spin<T>(
         &self,
         waiting: Option<&AtomicU32>,
+        deadline: Deadline,
+        interrupt: Interrupt,
         ready: impl Fn(&Ring<'_>) -> bool,
         mut attempt: impl FnMut() -> Result<Option<T>>,
     ) -> Result<Option<T>> {
@@ -193,9 +200,22 @@ impl Channel {
         if self.spin.is_zero() || waiting.is_some_and(|count| count.load(Ordering::Relaxed) > 0) {
             return Ok(None);
         }
-        let spin_until = Instant::now() + self.spin;
+        let started = Instant::now();
+        let mut spin_until = started + self.spin;
+        if let Some(at) = deadline.instant() {
+            spin_until = spin_until.min(at);
+        }
+        let mut next_check = started + crate::wait::MAX_SLEEP;
         let ring = self.ring();
-        while Instant::now() < spin_until {
+        loop {
+            let now = Instant::now();
+            if now >= spin_until {
+                return Ok(None);
+            }
+            if now >= next_check {
+                interrupt()?;
+                next_check = now + crate::wait::MAX_SLEEP;
+            }
             if ready(&ring) {
                 if let Some(value) = attempt()? {
                     return Ok(Some(value));
@@ -203,14 +223,20 @@ impl Channel {
             }
             std::hint::spin_loop();
         }
-        Ok(None)
     }
 
     /// A full ring: spin briefly for a consumer to make room (see `spin`).
-    pub(super) fn spin_until_pushed(&self, entry: Entry) -> Result<bool> {
+    pub(super) fn spin_until_pushed(
+        &self,
+        entry: Entry,
+        deadline: Deadline,
+        interrupt: Interrupt,
+    ) -> Result<bool> {
         Ok(self
             .spin(
                 Some(&self.control().ring.producers_waiting),
+                deadline,
+                interrupt,
                 |ring| !ring.is_full(),
                 || Ok(self.try_push(entry)?.then_some(())),
             )?
@@ -235,8 +261,21 @@ impl Channel {
 
     /// Gives back a block whose put failed (and the references `publish` counted for it).
     pub fn abort_put(&self, allocation: &Allocation) {
-        // Whatever the caller's scope: the block must come back.
-        let _normal = crate::wait::quick_scope(false);
-        let _ = self.slab.free_message(allocation.block);
+        self.abandon(allocation.block);
+    }
+
+    /// Frees the block of a put that did not happen; no acknowledgement is counted for it.
+    /// A quick call holds the GIL and must not wait for another process's heap lock (a
+    /// stopped holder would freeze every thread of this one): when the lock is taken the
+    /// free is deferred (see `receive::Deferred`), and the block stays this process's
+    /// until then.
+    fn abandon(&self, block: SlabRef) {
+        if !crate::wait::is_quick() {
+            let _ = self.slab.free_message(block);
+            return;
+        }
+        if let Ok(None) = self.slab.try_free_message(block) {
+            self.defer(receive::Deferred::Abandoned(block));
+        }
     }
 }

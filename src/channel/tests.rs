@@ -505,3 +505,74 @@ fn a_release_that_finds_the_heap_lock_taken_is_deferred_not_waited_for() {
     send(&channel, b"usable").unwrap();
     assert_eq!(take(&channel).unwrap(), b"usable");
 }
+
+#[test]
+fn a_quick_abort_leaves_a_held_heap_lock_alone_and_the_block_still_comes_back() {
+    // A quick put holds the GIL: when its publish gives up (`WouldBlock`) it must give the
+    // block back without waiting for another holder of the heap lock.
+    use std::sync::atomic::AtomicBool;
+    let channel = channel(4, 16 << 20);
+    let deadline = Deadline::after(Some(Duration::from_secs(5)));
+    let allocation = channel
+        .begin_put(64, true, deadline, &mut no_interrupt())
+        .unwrap();
+    let used = || channel.shared_stats().used_blocks;
+    assert_eq!(used(), 1);
+    let returned = AtomicBool::new(false);
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let holder = scope.spawn(|| {
+            let _guard = channel.slab.lock(&channel.control().heap_lock).unwrap();
+            locked.send(()).unwrap();
+            // Held until the abort returns, or long enough to show that it waited.
+            let until = std::time::Instant::now() + Duration::from_secs(2);
+            while !returned.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            returned.load(Ordering::SeqCst)
+        });
+        is_locked.recv().unwrap();
+        {
+            let _quick = crate::wait::quick_scope(true);
+            channel.abort_put(&allocation);
+        }
+        returned.store(true, Ordering::SeqCst);
+        assert!(
+            holder.join().unwrap(),
+            "the quick abort waited for the heap lock"
+        );
+    });
+    // Deferred: the next normal call (or the watcher) frees it, and counts no acknowledgement.
+    channel.run_deferred();
+    assert_eq!(used(), 0);
+    let slot = &channel.control().processes[usize::from(channel.slot())];
+    assert_eq!(slot.outstanding.load(Ordering::SeqCst), 0);
+    assert_eq!(slot.acked.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_long_spin_ends_at_the_calls_deadline() {
+    // `spin_us=` may ask for up to a second of spinning; a get whose timeout is shorter
+    // (here: passed already) must not spin past it. It spun the whole second. (A bound on
+    // time, with a margin of hundreds of times what the call needs.)
+    let channel = Channel::create(&ChannelOptions {
+        capacity: 4,
+        spin: MAX_SPIN,
+        ..Default::default()
+    })
+    .unwrap();
+    channel.open_handle(Side::Sender);
+    channel.open_handle(Side::Receiver);
+    let started = std::time::Instant::now();
+    let outcome = channel.receive(
+        true,
+        Deadline::after(Some(Duration::ZERO)),
+        &mut no_interrupt(),
+    );
+    assert!(matches!(outcome, Err(Error::Empty(_))));
+    assert!(
+        started.elapsed() < MAX_SPIN / 2,
+        "get(timeout=0) spun for {:?}",
+        started.elapsed()
+    );
+}

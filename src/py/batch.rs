@@ -1,8 +1,9 @@
 //! Putting an encoded message (shared by `put` and `put_many`), and the batch calls for
 //! floods of small messages: `Sender.put_many` and `Receiver.get_many`.
 //!
-//! `get_many` takes every queued message it returns under one hold of the ring lock (one
-//! wake-up of waiting producers for all of them) and decodes them in order. A message that
+//! `get_many` takes its first message as `get` does and the ones already queued after it
+//! in holds of the ring lock of up to 64 messages each (one wake-up of waiting producers
+//! per hold, not per message), and decodes them in order. A message that
 //! fails to decode is consumed with its error, as with `get`; when messages came before it
 //! in the batch, they are returned and the error, with the messages after it, waits in the
 //! handle's [`Stash`] for the next call, so nothing is lost or reordered.
@@ -137,12 +138,30 @@ impl Stash {
         }
     }
 
-    fn keep(slot: &Mutex<Stash>, entries: VecDeque<Stashed>) {
+    /// Puts back what a call took and did not return. Another thread of this process may
+    /// have stashed its own leftovers meanwhile (a decode runs Python code, which lets
+    /// other threads run): those came off the ring after ours, so ours go in front of
+    /// them, and neither replaces the other. A handle closed meanwhile has released its
+    /// stash already: the messages are released here instead.
+    fn keep(handle: &Handle, mut entries: VecDeque<Stashed>) {
         if entries.is_empty() {
             return;
         }
-        let mut stash = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        stash.pid = current_pid();
+        let mut stash = handle
+            .stash
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Under the stash lock: `close` marks the handle closed before it takes the stash,
+        // so either this sees the mark or that `take` comes after this and sees the entries.
+        if handle.is_closed() {
+            drop(stash);
+            return Stash::release_entries(handle.channel(), entries);
+        }
+        let here = current_pid();
+        if stash.pid == here {
+            entries.append(&mut stash.entries);
+        }
+        stash.pid = here;
         stash.entries = entries;
     }
 
@@ -154,7 +173,11 @@ impl Stash {
 
     /// Gives back every stashed message (the handle is closing); errors are dropped.
     pub(super) fn release(slot: &Mutex<Stash>, channel: &Channel) {
-        for entry in Stash::take(slot) {
+        Stash::release_entries(channel, Stash::take(slot));
+    }
+
+    fn release_entries(channel: &Channel, entries: VecDeque<Stashed>) {
+        for entry in entries {
             if let Stashed::Message(received) = entry {
                 channel.release_message(received.block);
             }
@@ -211,10 +234,14 @@ pub(super) fn get_many<'py>(
         match outcome {
             Ok((value, bytes)) => {
                 handle.counters.record(bytes, std::mem::take(&mut blocked));
-                list.append(value)?;
+                if let Err(error) = list.append(value) {
+                    // The value is lost with the error; the rest still wait for the next call.
+                    Stash::keep(handle, batch);
+                    return Err(error);
+                }
             }
             Err(error) if list.is_empty() => {
-                Stash::keep(&handle.stash, batch);
+                Stash::keep(handle, batch);
                 return Err(error);
             }
             Err(error) => {
@@ -223,6 +250,6 @@ pub(super) fn get_many<'py>(
             }
         }
     }
-    Stash::keep(&handle.stash, batch);
+    Stash::keep(handle, batch);
     Ok(list)
 }

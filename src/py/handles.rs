@@ -649,6 +649,10 @@ impl Handle {
     pub(super) fn side(&self) -> Side {
         self.side
     }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
 }
 
 #[pyfunction]

@@ -171,7 +171,7 @@ impl Channel {
         if !block {
             return Ok(None);
         }
-        if let Some(taken) = self.spin(None, ready, &take)? {
+        if let Some(taken) = self.spin(None, deadline, &mut *interrupt, ready, &take)? {
             return Ok(Some(taken));
         }
         let ring_state = &self.control().ring;
