@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import time
 
-import batch_children
+import stash_children
 import corrupt_children
 import tensorslab
 from helpers import Child
@@ -28,7 +28,7 @@ def test_a_producer_asleep_on_a_full_ring_gets_one_freed_cell():
     tx.put_many(range(64))
     channel_id = re.search(r"channel ([0-9a-f]+)", repr(tx)).group(1)
     shm = corrupt_children.Segments.of(channel_id)
-    with Child("fork", batch_children.put_one, tx, 64, 30) as child:
+    with Child("fork", stash_children.put_one, tx, 64, 30) as child:
         wait_for(lambda: shm.u32("control", PRODUCERS_WAITING) == 1, "the producer to sleep")
         # One cell free, far below the quarter mark: no wake-up is sent for it.
         assert rx.get(timeout=5) == 0
