@@ -76,6 +76,7 @@ fn new_channel(kind: Kind, depth: usize) -> Arc<Channel> {
         max_slab_bytes: Some(64 << 20),
         strict: false,
         kind,
+        ..Default::default()
     })
     .unwrap()
 }
