@@ -103,6 +103,9 @@ pub struct Channel {
     /// Set when a reap this process runs could not finish (a lock wait reached its call's
     /// deadline): its next chance to sweep resumes it, claimed or not (see `recovery`).
     reap_unfinished: AtomicBool,
+    /// The due time this process set when it last claimed the channel's sweep: while the
+    /// shared due time still reads it, this process is the sweeper (see `recovery`).
+    claimed_due: AtomicU64,
     /// Per segment: seen mapped by another live process (see `wait_until_held_elsewhere`).
     held_elsewhere: Vec<AtomicBool>,
     /// How long a blocked call spins before sleeping (`ControlBlock::spin_ns`).
@@ -294,6 +297,7 @@ impl Channel {
             fork_pending: AtomicU64::new(0),
             counts_inherited: AtomicBool::new(false),
             reap_unfinished: AtomicBool::new(false),
+            claimed_due: AtomicU64::new(0),
             held_elsewhere: (0..layout::MAX_SEGMENTS)
                 .map(|_| AtomicBool::new(false))
                 .collect(),

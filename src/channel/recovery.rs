@@ -26,9 +26,10 @@
 //! would pay n² checks per interval. Instead the channel holds the time its next sweep is
 //! due (`SweepState::due`); a process that finds it passed claims the sweep by moving it one
 //! interval on (a CAS: one winner) and sweeps. The processes asking are the watcher threads
-//! (see `watcher.rs`: the one that swept last comes back at the next due time, the others
-//! only every second, as stand-ins) and every call blocked in a wait, at each of its
-//! wake-ups. So a sweep runs about every interval whoever is left: nothing is held while
+//! (see `watcher.rs`: the one of the process that claimed last, by its watcher or by a
+//! blocked call, comes back at the next due time, however early something woke it; the
+//! others only every second, as stand-ins) and every call blocked in a wait, at each of
+//! its wake-ups. So a sweep runs about every interval whoever is left: nothing is held while
 //! sweeping, and a sweeper that stops or dies half-way only means the next claimant, one
 //! interval later, sweeps again (resuming the reap it left, see `procs`). A blocked call
 //! notices a dead peer within about an interval as before, by the sweep of whoever claimed
@@ -37,6 +38,7 @@
 //! A producer waiting for memory is such a blocked peer, so memory held by a dead consumer
 //! returns at the latest when a producer needs it, and usually ~100 ms after the death.
 use std::collections::HashSet;
+use std::time::Duration;
 
 use super::{Channel, REAP_INTERVAL};
 use crate::error::Error;
@@ -71,6 +73,8 @@ impl Channel {
                 .compare_exchange(due, now + interval, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok();
         if claimed {
+            // Relaxed: only this process reads it, to compare with the shared due time.
+            self.claimed_due.store(now + interval, Ordering::Relaxed);
             crate::failpoint!("sweep.claimed");
             // Relaxed: a statistic.
             sweep.count.fetch_add(1, Ordering::Relaxed);
@@ -80,6 +84,20 @@ impl Channel {
             self.reap_now();
         }
         claimed
+    }
+
+    /// How long until the sweep this process claimed last is due again, while no other
+    /// process has claimed one since (this process is then the sweeper, whichever of its
+    /// threads claimed: the watcher or a blocked call); `None` otherwise.
+    pub fn own_sweep_due_in(&self) -> Option<Duration> {
+        // Relaxed: as in `reap_if_due`.
+        let mine = self.claimed_due.load(Ordering::Relaxed);
+        if mine == 0 || self.control().sweep.due.load(Ordering::Relaxed) != mine {
+            return None;
+        }
+        Some(Duration::from_millis(
+            mine.saturating_sub(monotonic_millis()),
+        ))
     }
 
     /// Looks for dead peers now and takes back what they held; returns how many slots were

@@ -10,14 +10,15 @@
 //! - it runs the releases this process deferred because the heap lock was taken.
 //!
 //! It sleeps on the slab's segment count (woken by `Slab::grow`). How long depends on
-//! whether it has anything periodic to do: the watcher that swept for dead peers last
-//! (see "Sharing the sweep" in `recovery.rs`) comes back when the next sweep is due, 100 ms
-//! on, and so does one with deferred releases waiting; every other watcher is a stand-in
-//! that looks only once per [`STANDBY`], so n idle processes cost about n + 10 wake-ups a
-//! second between them, not 10·n, and one sweep per interval, not n. It holds only a weak
-//! reference, so it never keeps a channel alive; it ends within one sleep of the channel's
-//! last handle and view in this process. A fork child starts its own (threads do not
-//! survive fork).
+//! whether it has anything periodic to do: the watcher of the process that claimed the
+//! current sweep for dead peers (by the watcher or by a blocked call; see "Sharing the
+//! sweep" in `recovery.rs`) comes back when the next sweep is due, however early it was
+//! woken, and one with deferred releases waiting comes back in 100 ms; every other
+//! watcher is a stand-in that looks only once per [`STANDBY`], so n idle processes cost
+//! about n + 10 wake-ups a second between them, not 10·n, and one sweep per interval, not
+//! n. It holds only a weak reference, so it never keeps a channel alive; it ends within one
+//! sleep of the channel's last handle and view in this process. A fork child starts its
+//! own (threads do not survive fork).
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -51,25 +52,33 @@ fn watch(weak: Weak<Channel>) {
             if channel.pid() != pid {
                 return; // a fork child copied this attachment: its own watcher runs there
             }
-            let _ = channel.slab().attach_all();
-            channel.run_deferred();
-            let swept = channel.reap_if_due();
-            let deferred = has_deferred(&channel);
+            let sleep = look(&channel);
             let count = &channel.control().heap.segment_count;
             (
                 crate::wait::word_address(count),
                 count.load(crate::sync::Ordering::Acquire),
-                if swept || deferred {
-                    REAP_INTERVAL
-                } else {
-                    STANDBY
-                },
+                sleep,
             )
         };
         // The channel (and its mapping) may be dropped while we sleep, so the futex gets
         // the address only, never a reference: FUTEX_WAIT on an address that is no longer
         // mapped fails with EFAULT, and we loop and find the channel gone.
         crate::wait::futex_wait_address(word, seen, sleep);
+    }
+}
+
+/// One round of the watcher's work; returns how long to sleep before the next.
+fn look(channel: &Channel) -> Duration {
+    let _ = channel.slab().attach_all();
+    channel.run_deferred();
+    let _ = channel.reap_if_due();
+    // The sweeper is the process that claimed the current sweep, by this thread or by a
+    // blocked call: woken early (every growth wakes every watcher), or after a blocked call
+    // claimed, it still comes back when the sweep is due, not a standby later.
+    match channel.own_sweep_due_in() {
+        Some(left) => left.clamp(Duration::from_millis(1), REAP_INTERVAL),
+        None if has_deferred(channel) => REAP_INTERVAL,
+        None => STANDBY,
     }
 }
 
@@ -80,4 +89,29 @@ fn has_deferred(channel: &Channel) -> bool {
         .lock()
         .map_or(true, |deferred| !deferred.is_empty());
     plain || (channel.kind().fans_out() && channel.has_fan_out_deferred())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::{ChannelOptions, Side};
+
+    #[test]
+    fn the_sweeper_woken_early_comes_back_when_the_sweep_is_due() {
+        // Every slab growth wakes every watcher of the channel (they sleep on the segment
+        // count) before the next sweep is due: the watcher that claimed the sweep must
+        // stay the sweeper. It became a stand-in, so after each growth no process swept
+        // for a second (a dead peer went unnoticed that long, not ~100 ms).
+        let channel = Channel::create(&ChannelOptions::default()).unwrap();
+        channel.open_handle(Side::Sender);
+        // The sweep is due at creation: this claims it (or this process's watcher just
+        // did); either way this process holds the current claim.
+        let _ = look(&channel);
+        // Woken again at once, as by a growth: not due yet.
+        let sleep = look(&channel);
+        assert!(
+            sleep <= REAP_INTERVAL,
+            "the sweeper went on standby for {sleep:?}"
+        );
+    }
 }

@@ -25,7 +25,21 @@ use std::os::fd::{AsRawFd, OwnedFd};
 pub const MAX_THREADS: usize = 4;
 /// Least bytes worth a thread of its own: below it, spawning costs more than it saves.
 const MIN_BYTES_PER_THREAD: usize = 64 << 20;
-const PAGE: usize = 4096;
+
+/// The system's page size: `madvise` wants page-aligned starts, and pages are 16 or 64 KiB
+/// on some aarch64 kernels (NVIDIA Grace's, Asahi's), where ranges cut at 4 KiB failed
+/// every growth (and every channel's creation) with `EINVAL`.
+fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf only reads a system constant.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(page)
+            .ok()
+            .filter(|page| page.is_power_of_two())
+            .unwrap_or(4096)
+    })
+}
 
 /// How a segment's pages are reserved and faulted in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,16 +69,19 @@ pub unsafe fn prepare(
     // advice: where it is `never` the kernel ignores it, and an error changes nothing.
     // SAFETY: advice on a mapping this segment owns; it moves or frees nothing.
     unsafe { libc::madvise(base.cast(), len, libc::MADV_HUGEPAGE) };
+    let page = page_size();
     if strategy == Strategy::PopulateWrite {
         // One page first, on this thread: a kernel without MADV_POPULATE_WRITE says EINVAL
         // at once, before any thread is spawned.
+        let probe = page.min(len);
         // SAFETY: the first page (or all of a shorter mapping) lies inside the mapping.
-        match unsafe { populate_write(base as usize, PAGE.min(len)) } {
+        match unsafe { populate_write(base as usize, probe) } {
             Ok(()) => {
                 // SAFETY: as the caller promised; the ranges are disjoint and inside it.
                 return in_threads(
-                    base as usize + PAGE.min(len),
-                    len - PAGE.min(len),
+                    base as usize + probe,
+                    len - probe,
+                    page,
                     |start, end| unsafe { populate_write(start, end - start) },
                 );
             }
@@ -78,11 +95,11 @@ pub unsafe fn prepare(
     if result != 0 {
         return Err(io::Error::from_raw_os_error(result));
     }
-    in_threads(base as usize, len, |start, end| {
-        for page in (start..end).step_by(PAGE) {
+    in_threads(base as usize, len, page, |start, end| {
+        for address in (start..end).step_by(page) {
             // SAFETY: inside the mapping, whose pages `fallocate` has just reserved, so the
             // read faults the page in and cannot raise SIGBUS.
-            unsafe { std::ptr::read_volatile(page as *const u8) };
+            unsafe { std::ptr::read_volatile(address as *const u8) };
         }
         Ok(())
     })
@@ -122,15 +139,16 @@ pub fn thread_count(len: usize) -> usize {
     (len / MIN_BYTES_PER_THREAD).clamp(1, MAX_THREADS.min(cores))
 }
 
-/// Runs `work` over `start..start + len` cut into page-aligned disjoint ranges, one per
-/// thread; the first error wins.
+/// Runs `work` over `start..start + len` (`start` a multiple of `page`) cut into disjoint
+/// ranges that start on `page` boundaries, one per thread; the first error wins.
 fn in_threads(
     start: usize,
     len: usize,
+    page: usize,
     work: impl Fn(usize, usize) -> io::Result<()> + Sync,
 ) -> io::Result<()> {
     let threads = thread_count(len);
-    let share = (len / threads).next_multiple_of(PAGE);
+    let share = (len / threads).next_multiple_of(page);
     let ranges: Vec<(usize, usize)> = (0..threads)
         .map(|index| {
             let from = start + (index * share).min(len);
@@ -207,7 +225,7 @@ mod tests {
         let caller = std::thread::current().id();
         let seen = Mutex::new(Vec::new());
         REFUSE_THREADS.store(true, std::sync::atomic::Ordering::Relaxed);
-        let result = in_threads(0, len, |from, to| {
+        let result = in_threads(0, len, page_size(), |from, to| {
             seen.lock()
                 .unwrap()
                 .push((from, to, std::thread::current().id()));
@@ -225,10 +243,14 @@ mod tests {
     #[test]
     fn ranges_cover_everything_once() {
         use std::sync::Mutex;
-        for len in [PAGE, 3 * PAGE, 64 << 20, (200 << 20) + PAGE, 1 << 30] {
+        // 4 KiB pages (x86-64), 16 and 64 KiB (some aarch64 kernels): every range must
+        // start on a page, or madvise fails with EINVAL.
+        for (page, len) in [4096, 16 << 10, 64 << 10].into_iter().flat_map(|page| {
+            [page, 3 * page, 64 << 20, (200 << 20) + page, 1 << 30].map(|len| (page, len))
+        }) {
             let seen = Mutex::new(Vec::new());
-            in_threads(1 << 40, len, |from, to| {
-                assert_eq!(from % PAGE, 0);
+            in_threads(1 << 40, len, page, |from, to| {
+                assert_eq!(from % page, 0, "{page}-byte pages");
                 seen.lock().unwrap().push((from, to));
                 Ok(())
             })
@@ -247,7 +269,7 @@ mod tests {
 
     #[test]
     fn the_first_error_is_returned_after_every_thread_ended() {
-        let error = in_threads(0, 1 << 30, |from, _| {
+        let error = in_threads(0, 1 << 30, page_size(), |from, _| {
             if from == 0 {
                 Ok(())
             } else {

@@ -45,7 +45,43 @@ pub enum Liveness {
 /// Pidfds kept open for peers at most, where `RLIMIT_NOFILE` allows (see `cache_limit`).
 const PIDFD_CACHE_MAX: usize = crate::layout::MAX_PROCESSES;
 
-static PIDFDS: Mutex<Option<HashMap<ProcessId, i32>>> = Mutex::new(None);
+static PIDFDS: Mutex<Option<HashMap<ProcessId, Pidfd>>> = Mutex::new(None);
+
+/// A cached pidfd, with the identity (device, inode) its descriptor had when opened: the
+/// number may be closed behind the cache's back (a program closing descriptors it does not
+/// own) and reused for another file, which `poll` calls readable ("exited") or invalid. A
+/// decision taken on a pidfd's word (dead; close it) is first checked against the identity,
+/// so a reused number neither reaps a live peer nor closes the program's file. (Pidfds have
+/// an inode each from Linux 6.9, pidfs; before, every anonymous-inode file shares one.)
+#[derive(Clone, Copy)]
+struct Pidfd {
+    fd: i32,
+    identity: (u64, u64),
+}
+
+impl Pidfd {
+    fn new(fd: i32) -> Option<Pidfd> {
+        Some(Pidfd {
+            fd,
+            identity: fd_identity(fd)?,
+        })
+    }
+
+    /// Whether the number still holds the descriptor this was made from.
+    fn still_ours(&self) -> bool {
+        fd_identity(self.fd) == Some(self.identity)
+    }
+}
+
+fn fd_identity(fd: i32) -> Option<(u64, u64)> {
+    // SAFETY: `stat` is plain old data that fstat fills.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat only writes the live `stat`; a closed number answers EBADF.
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
+        return None;
+    }
+    Some((stat.st_dev as u64, stat.st_ino as u64))
+}
 
 /// This process's start time, once read, under the pid it was read for (a fork child has
 /// another pid, so it reads its own). The start time is stored first (Release on the pid).
@@ -141,7 +177,7 @@ impl Census {
         let mut entries: Vec<libc::pollfd> = ids
             .iter()
             .map(|id| libc::pollfd {
-                fd: cache[id],
+                fd: cache[id].fd,
                 events: libc::POLLIN,
                 revents: 0,
             })
@@ -154,13 +190,17 @@ impl Census {
         for (id, entry) in ids.iter().zip(&entries) {
             if entry.revents == 0 {
                 census.alive.insert(*id);
+            } else if !cache[id].still_ours() {
+                // Closed behind the cache (POLLNVAL), perhaps reused: not a word about the
+                // process. Forgotten, not closed; `liveness` looks the process up afresh.
+                cache.remove(id);
             } else if entry.revents & (libc::POLLIN | libc::POLLHUP) != 0 {
                 census.exited.insert(*id);
-                if let Some(fd) = cache.remove(id) {
-                    close(fd);
+                if let Some(pidfd) = cache.remove(id) {
+                    close(pidfd.fd);
                 }
             }
-            // POLLNVAL/POLLERR: neither; `liveness` asks that one again on its own.
+            // POLLERR: neither; `liveness` asks that one again on its own.
         }
         census
     }
@@ -199,7 +239,7 @@ fn own_start_time(pid: u32) -> Option<u64> {
 
 /// The pidfd cache, unless it stays taken: a fork child may inherit it locked by a thread
 /// that does not exist there, so this never waits for long (callers then read `/proc`).
-fn lock_cache() -> Option<MutexGuard<'static, Option<HashMap<ProcessId, i32>>>> {
+fn lock_cache() -> Option<MutexGuard<'static, Option<HashMap<ProcessId, Pidfd>>>> {
     for _ in 0..64 {
         match PIDFDS.try_lock() {
             Ok(guard) => return Some(guard),
@@ -276,11 +316,16 @@ fn close(fd: i32) {
 fn cached_pidfd_liveness(id: &ProcessId) -> Option<Liveness> {
     let mut guard = lock_cache()?;
     let cache = guard.as_mut()?;
-    let fd = *cache.get(id)?;
-    let answer = poll_exited(fd);
+    let pidfd = *cache.get(id)?;
+    let answer = poll_exited(pidfd.fd);
+    if answer != Liveness::Alive && !pidfd.still_ours() {
+        // Closed behind the cache, perhaps reused (see `Pidfd`): forget it, close nothing.
+        cache.remove(id);
+        return None;
+    }
     if answer == Liveness::Dead {
         cache.remove(id);
-        close(fd);
+        close(pidfd.fd);
     }
     Some(answer)
 }
@@ -293,7 +338,10 @@ fn cache_pidfd(id: &ProcessId, fd: i32) -> bool {
     if cache.len() >= cache_limit() || cache.contains_key(id) {
         return false;
     }
-    cache.insert(*id, fd);
+    let Some(pidfd) = Pidfd::new(fd) else {
+        return false;
+    };
+    cache.insert(*id, pidfd);
     true
 }
 
@@ -464,6 +512,43 @@ mod tests {
         // Nobody asks about it (its slot was freed cleanly, say): its pidfd goes all the same.
         drop(Census::take());
         assert!(!cached(&id));
+    }
+
+    fn cached_fd(id: &ProcessId) -> i32 {
+        lock_cache().unwrap().as_ref().unwrap()[id].fd
+    }
+
+    #[test]
+    fn a_cached_pidfd_closed_behind_the_cache_is_not_taken_at_its_word() {
+        // The program closes a descriptor it does not own (the cache's pidfd) and the number
+        // is reused by a file that poll calls readable: the live peer was called dead (and
+        // would have been reaped), and the program's file closed by the cache.
+        let (mut child, id) = sleeper();
+        assert_eq!(Census::take().liveness(&id), Liveness::Alive);
+        let fd = cached_fd(&id);
+        let file = std::fs::File::open("/dev/null").unwrap();
+        // SAFETY: replaces descriptor `fd` (the cache's) by a duplicate of `file`.
+        let reused = unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&file), fd) };
+        assert_eq!(reused, fd);
+        assert_eq!(Census::take().liveness(&id), Liveness::Alive);
+        assert_eq!(id.liveness(), Liveness::Alive);
+        assert!(
+            fd_identity(fd).is_some(),
+            "the cache closed the program's file"
+        );
+        // And with the number closed (POLLNVAL), a peer that died is still found dead, where
+        // it was "could not look" forever, so never reaped.
+        let (mut other, other_id) = sleeper();
+        assert_eq!(Census::take().liveness(&other_id), Liveness::Alive);
+        close(cached_fd(&other_id));
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert_eq!(Census::take().liveness(&other_id), Liveness::Dead);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(id.liveness(), Liveness::Dead);
+        // SAFETY: `fd` is the duplicate made above, owned by this test.
+        unsafe { libc::close(fd) };
     }
 
     #[test]
