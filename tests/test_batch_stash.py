@@ -14,8 +14,8 @@ import pytest
 
 import stash_children
 import tensorslab
-from stash_children import Paused, Refused
 from helpers import Child, run_in_child
+from stash_children import Paused, Refused
 
 
 def drain(rx) -> list:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 import time
 
-import stash_children
 import corrupt_children
+import stash_children
 import tensorslab
 from helpers import Child
 
