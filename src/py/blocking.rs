@@ -23,6 +23,21 @@ pub fn deadline(timeout: Option<f64>) -> PyResult<Deadline> {
     }
 }
 
+/// `spin_us=`: how long a blocked get or put spins before sleeping; `None` is the default.
+pub fn spin_duration(spin_us: Option<f64>) -> PyResult<Duration> {
+    let max = crate::channel::MAX_SPIN;
+    match spin_us {
+        None => Ok(crate::channel::SPIN),
+        Some(us) if us.is_finite() && us >= 0.0 && us <= max.as_secs_f64() * 1e6 => {
+            Ok(Duration::from_secs_f64(us / 1e6))
+        }
+        Some(us) => Err(PyValueError::new_err(format!(
+            "spin_us must be between 0 and {} (microseconds), got {us}",
+            max.as_micros()
+        ))),
+    }
+}
+
 /// Runs `work` without the GIL. `work` gets an interrupt hook to call at every wake-up: it
 /// re-takes the GIL briefly and runs pending signal handlers; if one raised (Ctrl-C), the
 /// exception is kept for the caller and the wait is abandoned with `Error::Interrupted`.

@@ -12,7 +12,7 @@ use pyo3::PyClassInitializer;
 
 use super::alloc;
 use super::batch;
-use super::blocking::{deadline, quick_then_wait, wait, Attempt};
+use super::blocking::{deadline, quick_then_wait, spin_duration, wait, Attempt};
 use super::decode::{Decoder, Mode};
 use super::encode::Encoder;
 use super::frame::Frame;
@@ -603,21 +603,6 @@ pub fn channel(
             )?,
         ))
     })
-}
-
-/// `spin_us=`: how long a blocked get or put spins before sleeping; `None` is the default.
-fn spin_duration(spin_us: Option<f64>) -> PyResult<Duration> {
-    let max = crate::channel::MAX_SPIN;
-    match spin_us {
-        None => Ok(crate::channel::SPIN),
-        Some(us) if us.is_finite() && us >= 0.0 && us <= max.as_secs_f64() * 1e6 => {
-            Ok(Duration::from_secs_f64(us / 1e6))
-        }
-        Some(us) => Err(PyValueError::new_err(format!(
-            "spin_us must be between 0 and {} (microseconds), got {us}",
-            max.as_micros()
-        ))),
-    }
 }
 
 /// Unpickles a handle: attaches this process to the channel and redeems the ticket.

@@ -432,14 +432,7 @@ mod tests {
 
     #[test]
     fn exited_child_is_dead_through_a_cached_pidfd_too() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        let id = ProcessId {
-            pid: child.id(),
-            start_time: process_start_time(child.id()).unwrap(),
-        };
+        let (mut child, id) = sleeper();
         assert_eq!(id.liveness(), Liveness::Alive);
         child.kill().unwrap();
         // Still a zombie until waited for: dead all the same.

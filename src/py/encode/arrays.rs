@@ -5,6 +5,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyString};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::copy::reserve_for;
@@ -36,6 +37,41 @@ pub(super) enum Strides {
 fn wire_int(value: usize, what: &str) -> Result<i64, Failure> {
     i64::try_from(value)
         .map_err(|_| Failure::out_of_range(format!("dtype {what} of {value} does not fit in i64")))
+}
+
+/// Arrays met so far in a message, by object address, and their index (`ArrayRef`). Most
+/// messages hold a few arrays: a short list searched in order, until it gets long enough
+/// for a hash map to pay (a list of 2^20 arrays searched in order would be quadratic).
+#[derive(Default)]
+pub(super) struct Seen {
+    few: Vec<(usize, u32)>,
+    many: HashMap<usize, u32>,
+}
+
+impl Seen {
+    const FEW: usize = 16;
+
+    fn get(&self, key: &usize) -> Option<&u32> {
+        if self.many.is_empty() {
+            self.few
+                .iter()
+                .find(|(known, _)| known == key)
+                .map(|(_, index)| index)
+        } else {
+            self.many.get(key)
+        }
+    }
+
+    fn insert(&mut self, key: usize, index: u32) {
+        if !self.many.is_empty() {
+            self.many.insert(key, index);
+        } else if self.few.len() < Self::FEW {
+            self.few.push((key, index));
+        } else {
+            self.many.extend(self.few.drain(..));
+            self.many.insert(key, index);
+        }
+    }
 }
 
 /// Plain dtypes (no fields, no subarray) whose wire text is cached, at most: a program

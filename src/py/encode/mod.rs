@@ -7,7 +7,6 @@
 //!
 //! Exact builtin types are tested first (one pointer compare each), so the common message
 //! of dicts, lists, numbers, strings and arrays never reaches the slower `isinstance` chain.
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use numpy::{PyArrayDescr, PyUntypedArray, PyUntypedArrayMethods};
@@ -169,48 +168,13 @@ type Step = Result<(), Failure>;
 /// Bytes a value stream starts with room for: a small message's whole stream.
 const WRITER_CAPACITY: usize = 256;
 
-/// Arrays met so far in a message, by object address, and their index (`ArrayRef`). Most
-/// messages hold a few arrays: a short list searched in order, until it gets long enough
-/// for a hash map to pay (a list of 2^20 arrays searched in order would be quadratic).
-#[derive(Default)]
-struct Seen {
-    few: Vec<(usize, u32)>,
-    many: HashMap<usize, u32>,
-}
-
-impl Seen {
-    const FEW: usize = 16;
-
-    fn get(&self, key: &usize) -> Option<&u32> {
-        if self.many.is_empty() {
-            self.few
-                .iter()
-                .find(|(known, _)| known == key)
-                .map(|(_, index)| index)
-        } else {
-            self.many.get(key)
-        }
-    }
-
-    fn insert(&mut self, key: usize, index: u32) {
-        if !self.many.is_empty() {
-            self.many.insert(key, index);
-        } else if self.few.len() < Self::FEW {
-            self.few.push((key, index));
-        } else {
-            self.many.extend(self.few.drain(..));
-            self.many.insert(key, index);
-        }
-    }
-}
-
 pub struct Encoder<'py> {
     py: Python<'py>,
     types: &'py Types,
     out: Writer,
     payloads: Vec<Payload>,
     payload_len: usize,
-    arrays: Seen,
+    arrays: arrays::Seen,
     array_count: u32,
     flags: u16,
     strict: bool,
@@ -232,7 +196,7 @@ impl<'py> Encoder<'py> {
             out: Writer::with_capacity(WRITER_CAPACITY),
             payloads: vec![],
             payload_len: 0,
-            arrays: Seen::default(),
+            arrays: arrays::Seen::default(),
             array_count: 0,
             flags: 0,
             strict,
